@@ -1,0 +1,5 @@
+"""Pure functions on arrays, one folder per op: no Flax, no config."""
+
+from lsm.kernels import attention
+
+__all__ = ["attention"]

@@ -1,0 +1,166 @@
+"""`attention`: argument checks, normalisation and the choice of implementation."""
+
+from __future__ import annotations
+
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lsm.kernels.attention.mask import Mask
+from lsm.kernels.attention.reference import attention_reference
+from lsm.kernels.attention.xla import BlockSizes, attention_xla
+from lsm.log import log_once
+
+IMPLEMENTATIONS = ("reference", "xla")
+
+
+def _shape(x, name):
+  if not hasattr(x, "shape") or not hasattr(x, "dtype"):
+    raise TypeError(f"attention: {name} must be an array, got {type(x).__name__}")
+  return tuple(x.shape)
+
+
+def _check_float(x, name):
+  if not jnp.issubdtype(x.dtype, jnp.floating):
+    raise TypeError(f"attention: {name} must have a floating dtype, got {x.dtype}")
+
+
+def _token_array(x, name, batch, length):
+  """Positions / segment ids: [T] or [B, T] integers -> [B, T] int32."""
+  if x is None:
+    return None
+  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+  if not jnp.issubdtype(x.dtype, jnp.integer):
+    raise TypeError(f"attention: {name} must have an integer dtype, got {x.dtype}")
+  if x.shape not in ((length,), (batch, length)):
+    raise ValueError(f"attention: {name} must have shape [{length}] or [{batch}, {length}], "
+                     f"got {tuple(x.shape)}")
+  return jnp.broadcast_to(x.astype(jnp.int32), (batch, length))
+
+
+def _positive_number(x, name, allow_none):
+  if x is None and allow_none:
+    return None
+  if isinstance(x, bool) or not isinstance(x, (int, float, np.integer, np.floating)) or not (
+      math.isfinite(x) and x > 0):
+    allowed = "a positive finite number" + (" or None" if allow_none else "")
+    raise ValueError(f"attention: {name} must be {allowed}, got {x!r}")
+  return float(x)
+
+
+def _check_layout_covers(mask: Mask, tq: int, tk: int):
+  rows, cols = mask.layout.shape
+  bq, bk = mask.layout_block
+  if rows * bq < tq or cols * bk < tk:
+    raise ValueError(
+        f"attention: mask.layout of shape {mask.layout.shape} with layout_block {(bq, bk)} "
+        f"covers {rows * bq} query and {cols * bk} key positions, but the default positions "
+        f"run to {tq} and {tk}; give a layout of at least "
+        f"({-(-tq // bq)}, {-(-tk // bk)}) blocks or pass explicit positions")
+
+
+def default_implementation() -> tuple[str, str]:
+  """The implementation `implementation=None` picks on this backend, and why."""
+  backend = jax.default_backend()
+  return "xla", (f"backend '{backend}': the blockwise XLA path is the fastest implementation "
+                 f"lsm has for it")
+
+
+def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positions=None,
+              q_segment_ids=None, kv_segment_ids=None, sinks=None, scale=None,
+              logits_soft_cap=None, implementation: str | None = None, return_lse: bool = False,
+              block_sizes: BlockSizes | None = None):
+  """Multi-head attention with GQA, position-based masks, packing, sinks and soft-capping.
+
+  Args:
+    q: [B, Tq, Hq, D] queries.
+    k: [B, Tk, Hkv, D] keys; ``Hq % Hkv == 0`` (GQA/MQA by grouping, K/V are never repeated).
+    v: [B, Tk, Hkv, Dv] values (Dv may differ from D).
+    mask: a `Mask` (None: every pair may attend).
+    q_positions, kv_positions: [T] or [B, T] integer positions the mask is evaluated on
+      (default ``arange``).
+    q_segment_ids, kv_segment_ids: [T] or [B, T] integer ids; a query only sees keys of its own
+      segment (packed documents). Give both or neither.
+    sinks: [Hq] learned logits of an extra "attend to nothing" column in every softmax.
+    scale: score scale (default ``D ** -0.5``).
+    logits_soft_cap: scores become ``cap * tanh(s / cap)``.
+    implementation: "reference", "xla", or None (best for the backend; the choice is logged once).
+    return_lse: also return the float32 log-sum-exp [B, Hq, Tq] for `merge`.
+    block_sizes: `BlockSizes` of the blockwise paths.
+
+  Returns:
+    out [B, Tq, Hq, Dv] in q's dtype, and ``lse`` [B, Hq, Tq] if ``return_lse``. Rows that see
+    nothing get out 0 and lse -inf (with ``sinks``: lse = the sink logit).
+  """
+  q_shape, k_shape, v_shape = _shape(q, "q"), _shape(k, "k"), _shape(v, "v")
+  for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
+    if len(shape) != 4:
+      raise ValueError(f"attention: {name} must have rank 4 [B, T, H, D], got shape {shape}")
+  for name, x in (("q", q), ("k", k), ("v", v)):
+    _check_float(x, name)
+  if not q.dtype == k.dtype == v.dtype:
+    raise TypeError(f"attention: q, k and v must share one dtype, got {q.dtype}, {k.dtype}, "
+                    f"{v.dtype}")
+  b, tq, hq, d = q_shape
+  if k_shape[0] != b or v_shape[0] != b:
+    raise ValueError(f"attention: batch sizes differ: q {b}, k {k_shape[0]}, v {v_shape[0]}")
+  if k_shape[:3] != v_shape[:3]:
+    raise ValueError(f"attention: k [B, Tk, Hkv, D] and v [B, Tk, Hkv, Dv] must agree on B, Tk "
+                     f"and Hkv, got k {k_shape} and v {v_shape}")
+  tk, hkv = k_shape[1], k_shape[2]
+  if k_shape[3] != d:
+    raise ValueError(f"attention: q and k must have the same head dim D, got q {d} and "
+                     f"k {k_shape[3]}")
+  if hkv == 0 or hq % hkv != 0:
+    raise ValueError(f"attention: the query heads Hq={hq} must be a multiple of the key/value "
+                     f"heads Hkv={hkv}")
+  if tq == 0 or tk == 0:
+    raise ValueError(f"attention: sequence lengths must be positive, got Tq={tq}, Tk={tk}")
+  if mask is None:
+    mask = Mask()
+  if not isinstance(mask, Mask):
+    raise TypeError(f"attention: mask must be an lsm Mask or None, got {type(mask).__name__}")
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("attention: give both q_segment_ids and kv_segment_ids, or neither; got "
+                     f"q_segment_ids={'set' if q_segment_ids is not None else None}, "
+                     f"kv_segment_ids={'set' if kv_segment_ids is not None else None}")
+  if mask.layout is not None and q_positions is None and kv_positions is None:
+    _check_layout_covers(mask, tq, tk)
+  q_positions = _token_array(q_positions, "q_positions", b, tq)
+  kv_positions = _token_array(kv_positions, "kv_positions", b, tk)
+  q_segment_ids = _token_array(q_segment_ids, "q_segment_ids", b, tq)
+  kv_segment_ids = _token_array(kv_segment_ids, "kv_segment_ids", b, tk)
+  if q_positions is None:
+    q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+  if kv_positions is None:
+    kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
+  if sinks is not None:
+    _shape(sinks, "sinks")
+    if tuple(sinks.shape) != (hq,):
+      raise ValueError(f"attention: sinks must have shape [Hq] = ({hq},), got "
+                       f"{tuple(sinks.shape)}")
+    _check_float(sinks, "sinks")
+  scale = _positive_number(d ** -0.5 if scale is None else scale, "scale", False)
+  logits_soft_cap = _positive_number(logits_soft_cap, "logits_soft_cap", True)
+  if block_sizes is None:
+    block_sizes = BlockSizes()
+  if not isinstance(block_sizes, BlockSizes):
+    raise TypeError(f"attention: block_sizes must be a BlockSizes or None, got "
+                    f"{type(block_sizes).__name__}")
+  if implementation is None:
+    implementation, why = default_implementation()
+    log_once(f"attention: implementation=None -> '{implementation}' ({why})")
+  if implementation not in IMPLEMENTATIONS:
+    raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS} or None, got "
+                     f"{implementation!r}")
+
+  kwargs = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
+                q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks,
+                scale=scale, logits_soft_cap=logits_soft_cap)
+  if implementation == "reference":
+    out, lse = attention_reference(q, k, v, **kwargs)
+  else:
+    out, lse = attention_xla(q, k, v, block_sizes=block_sizes, **kwargs)
+  return (out, lse) if return_lse else out
