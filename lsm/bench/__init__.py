@@ -1,0 +1,1 @@
+"""Benchmarks: `python -m lsm.bench <name>`; each prints a table and writes JSON."""

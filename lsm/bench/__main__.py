@@ -1,0 +1,22 @@
+"""`python -m lsm.bench <benchmark> [options]`."""
+
+import sys
+
+from lsm.bench import attention
+
+BENCHMARKS = {"attention": attention.main}
+
+
+def main(argv: list[str]) -> int:
+  if not argv or argv[0] in ("-h", "--help") or argv[0] not in BENCHMARKS:
+    known = ", ".join(sorted(BENCHMARKS))
+    print(f"usage: python -m lsm.bench {{{known}}} [options]   (--help after a name for more)")
+    if argv and argv[0] not in ("-h", "--help"):
+      print(f"error: unknown benchmark {argv[0]!r}; choose one of: {known}", file=sys.stderr)
+      return 2
+    return 0
+  return BENCHMARKS[argv[0]](argv[1:])
+
+
+if __name__ == "__main__":
+  sys.exit(main(sys.argv[1:]))
