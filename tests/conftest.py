@@ -1,0 +1,23 @@
+"""Test-wide setup: 8 emulated CPU devices, float64 for the references, backend markers."""
+
+import os
+
+# Must happen before jax is imported anywhere, so multi-device tests run on one CPU.
+_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
+if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "").split():
+  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+# The float64 references need x64; lsm code under test keeps its own dtypes explicit.
+jax.config.update("jax_enable_x64", True)
+
+_BACKEND_MARKERS = ("gpu", "tpu")
+
+
+def pytest_runtest_setup(item):
+  backend = jax.default_backend()
+  for marker in _BACKEND_MARKERS:
+    if item.get_closest_marker(marker) is not None and backend != marker:
+      pytest.skip(f"needs a {marker.upper()} backend; this run has '{backend}'")
