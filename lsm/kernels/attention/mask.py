@@ -128,12 +128,12 @@ class Mask:
       inside = (qb >= 0) & (qb < rows) & (kb >= 0) & (kb < cols)
       table = jnp.asarray(self.layout)
       ok &= inside & table[jnp.clip(qb, 0, rows - 1), jnp.clip(kb, 0, cols - 1)]
-    if self.sink_tokens:
+    if self.sink_tokens is not None:
       sink = kv_pos < self.sink_tokens
       if self.causal:
         sink &= kv_pos <= q_pos
       ok |= sink
-    if self.prefix:
+    if self.prefix is not None:
       ok |= (q_pos < self.prefix) & (kv_pos < self.prefix)
     return ok
 
@@ -156,12 +156,12 @@ class Mask:
           jnp.floor_divide(q_lo, n) <= jnp.floor_divide(kv_hi, n))
     if self.layout is not None:
       ok &= self._layout_count(q_lo, q_hi, kv_lo, kv_hi) > 0
-    if self.sink_tokens:
+    if self.sink_tokens is not None:
       sink = kv_lo < self.sink_tokens
       if self.causal:
         sink &= kv_lo <= q_hi
       ok |= sink
-    if self.prefix:
+    if self.prefix is not None:
       ok |= (q_lo < self.prefix) & (kv_lo < self.prefix)
     return ok
 
