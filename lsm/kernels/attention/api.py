@@ -14,6 +14,7 @@ from lsm.kernels.attention.xla import BlockSizes, attention_xla
 from lsm.log import log_once
 
 IMPLEMENTATIONS = ("reference", "xla")
+_PLANNED = ("pallas_tpu", "pallas_gpu")
 
 
 def _shape(x, name):
@@ -152,6 +153,9 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   if implementation is None:
     implementation, why = default_implementation()
     log_once(f"attention: implementation=None -> '{implementation}' ({why})")
+  if implementation in _PLANNED:
+    raise ValueError(f"attention: implementation={implementation!r} (a Pallas kernel) is not in "
+                     f"this version of lsm yet; use one of {IMPLEMENTATIONS} or None")
   if implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS} or None, got "
                      f"{implementation!r}")

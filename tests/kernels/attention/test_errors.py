@@ -98,6 +98,10 @@ CASES = [
     ("implementation", dict(implementation="pallas"), ValueError,
      r"implementation must be one of \('reference', 'xla'\)"),
     ("implementation_case", dict(implementation="XLA"), ValueError, r"implementation"),
+    ("implementation_pallas_tpu", dict(implementation="pallas_tpu"), ValueError,
+     r"implementation='pallas_tpu' \(a Pallas kernel\) is not in this version"),
+    ("implementation_pallas_gpu", dict(implementation="pallas_gpu"), ValueError,
+     r"implementation='pallas_gpu' \(a Pallas kernel\) is not in this version"),
 ]
 
 
