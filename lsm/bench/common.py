@@ -21,13 +21,11 @@ def machine() -> dict:
   """What the numbers were measured on."""
   device = jax.devices()[0]
   cpu = platform.processor() or platform.machine()
-  try:
-    for line in pathlib.Path("/proc/cpuinfo").read_text().splitlines():
-      if line.startswith("model name"):
-        cpu = line.split(":", 1)[1].strip()
-        break
-  except OSError:
-    pass
+  cpuinfo = pathlib.Path("/proc/cpuinfo")
+  names = [line.split(":", 1)[1].strip() for line in
+           (cpuinfo.read_text().splitlines() if cpuinfo.exists() else [])
+           if line.startswith("model name")]
+  cpu = names[0] if names else cpu
   return {
       "backend": jax.default_backend(),
       "device_kind": device.device_kind,

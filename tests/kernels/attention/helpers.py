@@ -161,7 +161,7 @@ def run(implementation: str, dtype, inputs: Inputs, *, grads: bool = True, mask:
   return (*forward(q, k, v, sinks, *tokens, **static), None)
 
 
-def check_against_reference(inputs: Inputs, dtype, *, grads: bool = True, **kwargs):
+def assert_matches_reference(inputs: Inputs, dtype, *, grads: bool = True, **kwargs):
   """Runs xla in ``dtype`` and the reference in float64; asserts out, lse (and gradients) agree
   within the tolerance of ``dtype``. Returns both results."""
   got = run("xla", dtype, inputs, grads=grads, **kwargs)

@@ -9,7 +9,7 @@ import pytest
 
 import lsm.log
 from lsm.kernels.attention import BlockSizes, Mask, attention, default_implementation
-from tests.kernels.attention.helpers import (BLOCKS, Shape, assert_close, check_against_reference,
+from tests.kernels.attention.helpers import (BLOCKS, Shape, assert_close, assert_matches_reference,
                                              draw, packed_segments, run, seed_of)
 
 _LAYOUTS = np.random.default_rng(1234)
@@ -38,7 +38,7 @@ MASKS = {
 @pytest.mark.parametrize("name", MASKS)
 def test_every_mask(name, dtype):
   inputs = draw(seed_of("mask", name, str(dtype)), Shape())
-  check_against_reference(inputs, dtype, mask=MASKS[name])
+  assert_matches_reference(inputs, dtype, mask=MASKS[name])
 
 
 @pytest.mark.parametrize("name", MASKS)
@@ -47,7 +47,7 @@ def test_every_mask_packed_with_sinks(name):
   seed = seed_of("packed", name)
   shape = Shape()
   seg, pos = packed_segments(np.random.default_rng(seed), shape.b, shape.tq, max_docs=4)
-  check_against_reference(draw(seed, shape, sinks=True), jnp.float32, mask=MASKS[name],
+  assert_matches_reference(draw(seed, shape, sinks=True), jnp.float32, mask=MASKS[name],
                           q_positions=pos, kv_positions=pos, q_segment_ids=seg,
                           kv_segment_ids=seg)
 
@@ -55,13 +55,13 @@ def test_every_mask_packed_with_sinks(name):
 @pytest.mark.parametrize("hkv", [8, 4, 2, 1])
 def test_gqa_ratios(hkv):
   shape = Shape(hq=8, hkv=hkv, tq=29, tk=29)
-  check_against_reference(draw(seed_of("gqa", hkv), shape, sinks=True), jnp.float32,
+  assert_matches_reference(draw(seed_of("gqa", hkv), shape, sinks=True), jnp.float32,
                           mask=MASKS["causal_window"])
 
 
 @pytest.mark.parametrize("dv", [3, 16])
 def test_value_dim_differs_from_key_dim(dv):
-  got, _ = check_against_reference(draw(seed_of("dv", dv), Shape(dv=dv)), jnp.float32,
+  got, _ = assert_matches_reference(draw(seed_of("dv", dv), Shape(dv=dv)), jnp.float32,
                                    mask=Mask(causal=True))
   assert got[0].shape == (2, 37, 4, dv)
 
@@ -70,13 +70,13 @@ def test_value_dim_differs_from_key_dim(dv):
 def test_cross_lengths_with_offset(dtype):
   """Chunked prefill: 21 queries at positions 24..44 over 45 keys, causal."""
   shape = Shape(tq=21, tk=45)
-  check_against_reference(draw(seed_of("offset", str(dtype)), shape), dtype,
+  assert_matches_reference(draw(seed_of("offset", str(dtype)), shape), dtype,
                           mask=Mask(causal=True), q_positions=np.arange(24, 45),
                           kv_positions=np.arange(45))
 
 
 def test_more_queries_than_keys():
-  check_against_reference(draw(seed_of("tq>tk"), Shape(tq=45, tk=13)), jnp.float32,
+  assert_matches_reference(draw(seed_of("tq>tk"), Shape(tq=45, tk=13)), jnp.float32,
                           mask=Mask(window=(6, 6)))
 
 
@@ -86,10 +86,10 @@ def test_decode_one_query(name):
   tk = 41
   shape = Shape(tq=1, tk=tk)
   inputs = draw(seed_of("decode", name), shape, sinks=True)
-  got, _ = check_against_reference(inputs, jnp.float32, mask=MASKS[name],
+  got, _ = assert_matches_reference(inputs, jnp.float32, mask=MASKS[name],
                                    q_positions=np.array([tk - 1]), kv_positions=np.arange(tk))
   assert got[0].shape == (2, 1, 4, 8)
-  check_against_reference(inputs, jnp.float32, mask=MASKS[name],
+  assert_matches_reference(inputs, jnp.float32, mask=MASKS[name],
                           q_positions=np.array([[tk - 1], [tk - 9]]), kv_positions=np.arange(tk))
 
 
@@ -99,7 +99,7 @@ def test_every_row_written_for_odd_lengths(t, blocks):
   """Lengths below, at and past block multiples: an unwritten or double-counted block shows
   up as a wrong (or non-finite) row."""
   inputs = draw(seed_of("odd", t, blocks), Shape(tq=t, tk=t))
-  got, _ = check_against_reference(inputs, jnp.float32, mask=Mask(causal=True, window=(6, 2)),
+  got, _ = assert_matches_reference(inputs, jnp.float32, mask=Mask(causal=True, window=(6, 2)),
                                    block_sizes=BlockSizes(*blocks))
   assert np.all(np.isfinite(np.asarray(got[0])))
   assert np.all(np.isfinite(np.asarray(got[1])))
@@ -109,7 +109,7 @@ def test_every_row_written_for_odd_lengths(t, blocks):
 def test_soft_cap_scale_and_sinks(dtype):
   inputs = draw(seed_of("cap", str(dtype)), Shape(), sinks=True)
   inputs.q *= 3.0  # large scores, so the cap really bends them
-  check_against_reference(inputs, dtype, mask=Mask(causal=True, window=(12, 0)),
+  assert_matches_reference(inputs, dtype, mask=Mask(causal=True, window=(12, 0)),
                           logits_soft_cap=2.5, scale=0.7)
 
 
@@ -118,7 +118,7 @@ def test_packed_segments_and_sinks(dtype):
   seed = seed_of("segments", str(dtype))
   shape = Shape()
   seg, pos = packed_segments(np.random.default_rng(seed), shape.b, shape.tq, max_docs=5)
-  check_against_reference(draw(seed, shape, sinks=True), dtype, mask=Mask(causal=True),
+  assert_matches_reference(draw(seed, shape, sinks=True), dtype, mask=Mask(causal=True),
                           q_positions=pos, kv_positions=pos, q_segment_ids=seg,
                           kv_segment_ids=seg)
 
@@ -127,7 +127,7 @@ def test_segments_without_positions():
   """Segment ids with default (global) positions; segment ids need not be sorted."""
   rng = np.random.default_rng(seed_of("unsorted segments"))
   seg = rng.integers(0, 3, size=(2, 37)).astype(np.int32)
-  check_against_reference(draw(seed_of("seg only"), Shape()), jnp.float32,
+  assert_matches_reference(draw(seed_of("seg only"), Shape()), jnp.float32,
                           mask=Mask(causal=True), q_segment_ids=seg, kv_segment_ids=seg)
 
 
@@ -137,7 +137,7 @@ def test_permuted_positions():
   rng = np.random.default_rng(seed_of("permuted"))
   q_pos = np.stack([rng.permutation(37) for _ in range(2)])
   kv_pos = np.stack([rng.permutation(37) for _ in range(2)])
-  check_against_reference(draw(seed_of("permuted"), Shape()), jnp.float32,
+  assert_matches_reference(draw(seed_of("permuted"), Shape()), jnp.float32,
                           mask=Mask(causal=True, window=(7, 0)), q_positions=q_pos,
                           kv_positions=kv_pos)
 
