@@ -10,7 +10,8 @@ import numpy as np
 
 from lsm.kernels.attention.mask import Mask
 from lsm.kernels.attention.reference import attention_reference
-from lsm.kernels.attention.xla import BlockSizes, attention_xla
+from lsm.kernels.attention.blocks import BlockSizes
+from lsm.kernels.attention.xla import attention_xla
 from lsm.log import log_once
 
 IMPLEMENTATIONS = ("reference", "xla")

@@ -18,24 +18,9 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lsm.kernels.attention.blocks import BlockSizes, TokenBlocks, block_tables, visit_lists
 from lsm.kernels.attention.mask import Mask
-from lsm.kernels.attention.reference import accumulation_dtype, soft_cap
-
-_BIG = jnp.iinfo(jnp.int32).max
-
-
-@dataclasses.dataclass(frozen=True)
-class BlockSizes:
-  """Token block sizes of the blockwise paths (clipped to the sequence lengths)."""
-
-  q: int = 512
-  kv: int = 512
-
-  def __post_init__(self):
-    for name in ("q", "kv"):
-      value = getattr(self, name)
-      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+from lsm.kernels.attention.reference import accumulation_dtype
 
 
 @dataclasses.dataclass(frozen=True)
@@ -72,65 +57,7 @@ def _unblock(x_NBKRD, t: int, block: int):
   return x.reshape(b, n * block, hkv * g, d)[:, :t]
 
 
-def _token_blocks(x_BT, block: int, fill):
-  b, t = x_BT.shape
-  n = -(-t // block)
-  x = jnp.pad(x_BT, ((0, 0), (0, n * block - t)), constant_values=fill)
-  return x.reshape(b, n, block).transpose(1, 0, 2)  # [n, B, block]
-
-
-@dataclasses.dataclass
-class _Tokens:
-  """Per-block positions, segment ids and validity of one side (queries or keys)."""
-
-  pos: jax.Array  # [n, B, block]
-  seg: jax.Array | None  # [n, B, block]
-  valid: jax.Array  # [n, B, block]
-  padded: bool  # whether the last block holds padding
-
-  @classmethod
-  def build(cls, pos_BT, seg_BT, block: int):
-    t = pos_BT.shape[1]
-    valid = _token_blocks(jnp.ones(pos_BT.shape, bool), block, False)
-    seg = None if seg_BT is None else _token_blocks(seg_BT, block, 0)
-    return cls(_token_blocks(pos_BT, block, 0), seg, valid, t % block != 0)
-
-  def ranges(self, x):
-    lo = jnp.min(jnp.where(self.valid, x, _BIG), axis=-1)
-    hi = jnp.max(jnp.where(self.valid, x, -_BIG), axis=-1)
-    return lo, hi  # [n, B]
-
-
-def _block_tables(st: _Static, qt: _Tokens, kt: _Tokens):
-  """visible[nq, nk] (some pair may be allowed for some batch row) and full[nq, nk]."""
-  q_lo, q_hi = qt.ranges(qt.pos)
-  k_lo, k_hi = kt.ranges(kt.pos)
-  args = (q_lo[:, None], q_hi[:, None], k_lo[None], k_hi[None])  # [nq, nk, B] each
-  visible = st.mask.block_may_be_visible(*args)
-  full = st.mask.block_is_full(*args)
-  if qt.seg is not None:
-    qs_lo, qs_hi = qt.ranges(qt.seg)
-    ks_lo, ks_hi = kt.ranges(kt.seg)
-    visible &= (qs_lo[:, None] <= ks_hi[None]) & (ks_lo[None] <= qs_hi[:, None])
-    full &= (qs_lo[:, None] == qs_hi[:, None]) & (ks_lo[None] == ks_hi[None]) & (
-        qs_lo[:, None] == ks_lo[None])
-  visible = jnp.any(visible, axis=-1)
-  full = jnp.all(full, axis=-1)
-  nq, nk = visible.shape
-  if qt.padded:
-    full = full.at[nq - 1, :].set(False)
-  if kt.padded:
-    full = full.at[:, nk - 1].set(False)
-  return visible, full
-
-
-def _visit_lists(visible):
-  """Per row: the visible column indices first (in order), and how many there are."""
-  order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
-  return order, jnp.sum(visible, axis=-1, dtype=jnp.int32)
-
-
-def _element_mask(st: _Static, qt: _Tokens, kt: _Tokens, i, j):
+def _element_mask(st: _Static, qt: TokenBlocks, kt: TokenBlocks, i, j):
   """Allowed [B, 1, 1, bq, bk] for query block i against key block j (broadcast over G)."""
   ok = st.mask.allowed(qt.pos[i][:, :, None], kt.pos[j][:, None, :])
   if qt.seg is not None:
@@ -177,13 +104,13 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
   g = hq // hkv
   dv = v.shape[-1]
   acc = accumulation_dtype(q.dtype)
-  qt = _Tokens.build(q_pos, q_seg, st.bq)
-  kt = _Tokens.build(kv_pos, kv_seg, st.bk)
+  qt = TokenBlocks.build(q_pos, q_seg, st.bq)
+  kt = TokenBlocks.build(kv_pos, kv_seg, st.bk)
   q_blocks = _blocks(_scaled(q, st.scale, acc), st.bq, hkv)  # [nq, B, Hkv, G * bq, D]
   k_blocks = _blocks(k, st.bk, hkv)  # [nk, B, Hkv, bk, D]
   v_blocks = _blocks(v, st.bk, hkv)
-  visible, full = _block_tables(st, qt, kt)
-  order, counts = _visit_lists(visible)
+  visible, full = block_tables(st.mask, qt, kt)
+  order, counts = visit_lists(visible)
 
   def one_q_block(i):
     q_blk = q_blocks[i]
@@ -235,12 +162,11 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
 def _backward(st: _Static, res, cotangents):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
-  b, tq, hq, d = q.shape
+  tq, hq = q.shape[1], q.shape[2]
   tk, hkv = k.shape[1], k.shape[2]
-  g = hq // hkv
   acc = accumulation_dtype(q.dtype)
-  qt = _Tokens.build(q_pos, q_seg, st.bq)
-  kt = _Tokens.build(kv_pos, kv_seg, st.bk)
+  qt = TokenBlocks.build(q_pos, q_seg, st.bq)
+  kt = TokenBlocks.build(kv_pos, kv_seg, st.bk)
   q_blocks = _blocks(_scaled(q, st.scale, acc), st.bq, hkv)
   do_blocks = _blocks(d_out, st.bq, hkv)
   k_blocks = _blocks(k, st.bk, hkv)
@@ -258,8 +184,8 @@ def _backward(st: _Static, res, cotangents):
   lse_blocks = stat_blocks(lse_safe)
   row_blocks = stat_blocks(row_term)
 
-  visible, full = _block_tables(st, qt, kt)
-  order_T, counts_T = _visit_lists(visible.T)
+  visible, full = block_tables(st.mask, qt, kt)
+  order_T, counts_T = visit_lists(visible.T)
   nq, nk = visible.shape
 
   def one_kv_block(dq_all, j):
@@ -334,23 +260,3 @@ def attention_xla(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_i
                cap=None if logits_soft_cap is None else float(logits_soft_cap),
                bq=min(block_sizes.q, q.shape[1]), bk=min(block_sizes.kv, k.shape[1]))
   return _attention(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks)
-
-
-def visited_blocks(mask: Mask, q_positions, kv_positions, q_segment_ids=None,
-                   kv_segment_ids=None, *, block_sizes: BlockSizes = BlockSizes()):
-  """The [nq, nk] boolean table of key blocks the XLA path visits per query block.
-
-  Positions and segment ids are [B, T] (or [T]); useful to check that a layout is really sparse.
-  """
-  q_positions = jnp.atleast_2d(jnp.asarray(q_positions, jnp.int32))
-  kv_positions = jnp.atleast_2d(jnp.asarray(kv_positions, jnp.int32))
-  if (q_segment_ids is None) != (kv_segment_ids is None):
-    raise ValueError("visited_blocks: give both q_segment_ids and kv_segment_ids, or neither")
-  if q_segment_ids is not None:
-    q_segment_ids = jnp.atleast_2d(jnp.asarray(q_segment_ids, jnp.int32))
-    kv_segment_ids = jnp.atleast_2d(jnp.asarray(kv_segment_ids, jnp.int32))
-  st = _Static(mask=mask, scale=1.0, cap=None, bq=min(block_sizes.q, q_positions.shape[1]),
-               bk=min(block_sizes.kv, kv_positions.shape[1]))
-  qt = _Tokens.build(q_positions, q_segment_ids, st.bq)
-  kt = _Tokens.build(kv_positions, kv_segment_ids, st.bk)
-  return _block_tables(st, qt, kt)[0]

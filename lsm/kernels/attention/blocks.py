@@ -1,0 +1,110 @@
+"""Which key blocks each query block must visit, decided from per-block position ranges.
+
+Shared by every blockwise implementation of the attention op: tokens are cut into blocks, each
+block's range of positions and segment ids is reduced to (lo, hi), and `Mask.block_may_be_visible`
+/ `Mask.block_is_full` turn the ranges into a [nq, nk] table. This runs on traced values, so
+skipping works for positions known only at run time.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lsm.kernels.attention.mask import Mask
+
+_BIG = jnp.iinfo(jnp.int32).max
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+  """Token block sizes of the blockwise paths (clipped to the sequence lengths)."""
+
+  q: int = 512
+  kv: int = 512
+
+  def __post_init__(self):
+    for name in ("q", "kv"):
+      value = getattr(self, name)
+      if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
+
+
+def token_blocks(x_BT, block: int, fill):
+  """[B, T] -> [n, B, block], T padded with ``fill`` to a multiple of block."""
+  b, t = x_BT.shape
+  n = -(-t // block)
+  x = jnp.pad(x_BT, ((0, 0), (0, n * block - t)), constant_values=fill)
+  return x.reshape(b, n, block).transpose(1, 0, 2)  # [n, B, block]
+
+
+@dataclasses.dataclass
+class TokenBlocks:
+  """Per-block positions, segment ids and validity of one side (queries or keys)."""
+
+  pos: jax.Array  # [n, B, block]
+  seg: jax.Array | None  # [n, B, block]
+  valid: jax.Array  # [n, B, block]
+  padded: bool  # whether the last block holds padding
+
+  @classmethod
+  def build(cls, pos_BT, seg_BT, block: int):
+    t = pos_BT.shape[1]
+    valid = token_blocks(jnp.ones(pos_BT.shape, bool), block, False)
+    seg = None if seg_BT is None else token_blocks(seg_BT, block, 0)
+    return cls(token_blocks(pos_BT, block, 0), seg, valid, t % block != 0)
+
+  def ranges(self, x):
+    lo = jnp.min(jnp.where(self.valid, x, _BIG), axis=-1)
+    hi = jnp.max(jnp.where(self.valid, x, -_BIG), axis=-1)
+    return lo, hi  # [n, B]
+
+
+def block_tables(mask: Mask, qt: TokenBlocks, kt: TokenBlocks):
+  """visible[nq, nk] (some pair may be allowed for some batch row) and full[nq, nk]."""
+  q_lo, q_hi = qt.ranges(qt.pos)
+  k_lo, k_hi = kt.ranges(kt.pos)
+  args = (q_lo[:, None], q_hi[:, None], k_lo[None], k_hi[None])  # [nq, nk, B] each
+  visible = mask.block_may_be_visible(*args)
+  full = mask.block_is_full(*args)
+  if qt.seg is not None:
+    qs_lo, qs_hi = qt.ranges(qt.seg)
+    ks_lo, ks_hi = kt.ranges(kt.seg)
+    visible &= (qs_lo[:, None] <= ks_hi[None]) & (ks_lo[None] <= qs_hi[:, None])
+    full &= (qs_lo[:, None] == qs_hi[:, None]) & (ks_lo[None] == ks_hi[None]) & (
+        qs_lo[:, None] == ks_lo[None])
+  visible = jnp.any(visible, axis=-1)
+  full = jnp.all(full, axis=-1)
+  nq, nk = visible.shape
+  if qt.padded:
+    full = full.at[nq - 1, :].set(False)
+  if kt.padded:
+    full = full.at[:, nk - 1].set(False)
+  return visible, full
+
+
+def visit_lists(visible):
+  """Per row: the visible column indices first (in order), and how many there are."""
+  order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
+  return order, jnp.sum(visible, axis=-1, dtype=jnp.int32)
+
+
+def visited_blocks(mask: Mask, q_positions, kv_positions, q_segment_ids=None,
+                   kv_segment_ids=None, *, block_sizes: BlockSizes = BlockSizes()):
+  """The [nq, nk] boolean table of key blocks the XLA path visits per query block.
+
+  Positions and segment ids are [B, T] (or [T]); useful to check that a layout is really sparse.
+  """
+  q_positions = jnp.atleast_2d(jnp.asarray(q_positions, jnp.int32))
+  kv_positions = jnp.atleast_2d(jnp.asarray(kv_positions, jnp.int32))
+  if (q_segment_ids is None) != (kv_segment_ids is None):
+    raise ValueError("visited_blocks: give both q_segment_ids and kv_segment_ids, or neither")
+  if q_segment_ids is not None:
+    q_segment_ids = jnp.atleast_2d(jnp.asarray(q_segment_ids, jnp.int32))
+    kv_segment_ids = jnp.atleast_2d(jnp.asarray(kv_segment_ids, jnp.int32))
+  bq, bk = min(block_sizes.q, q_positions.shape[1]), min(block_sizes.kv, kv_positions.shape[1])
+  qt = TokenBlocks.build(q_positions, q_segment_ids, bq)
+  kt = TokenBlocks.build(kv_positions, kv_segment_ids, bk)
+  return block_tables(mask, qt, kt)[0]
