@@ -31,6 +31,10 @@ class BlockSizes:
       if isinstance(value, bool) or not isinstance(value, int) or value < 1:
         raise ValueError(f"BlockSizes.{name} must be a positive int, got {value!r}")
 
+  def clipped(self, tq: int, tk: int) -> tuple[int, int]:
+    """The (bq, bk) actually used: no block longer than its sequence."""
+    return min(self.q, tq), min(self.kv, tk)
+
 
 def token_blocks(x_BT, block: int, fill):
   """[B, T] -> [n, B, block], T padded with ``fill`` to a multiple of block."""
@@ -104,7 +108,7 @@ def visited_blocks(mask: Mask, q_positions, kv_positions, q_segment_ids=None,
   if q_segment_ids is not None:
     q_segment_ids = jnp.atleast_2d(jnp.asarray(q_segment_ids, jnp.int32))
     kv_segment_ids = jnp.atleast_2d(jnp.asarray(kv_segment_ids, jnp.int32))
-  bq, bk = min(block_sizes.q, q_positions.shape[1]), min(block_sizes.kv, kv_positions.shape[1])
+  bq, bk = block_sizes.clipped(q_positions.shape[1], kv_positions.shape[1])
   qt = TokenBlocks.build(q_positions, q_segment_ids, bq)
   kt = TokenBlocks.build(kv_positions, kv_segment_ids, bk)
   return block_tables(mask, qt, kt)[0]

@@ -200,3 +200,11 @@ class Mask:
     c0 = jnp.clip(jnp.floor_divide(kv_lo, bk), 0, cols)
     c1 = jnp.clip(jnp.floor_divide(kv_hi, bk) + 1, 0, cols)
     return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
+
+
+def allowed_pairs(mask: Mask, q_pos_BT, kv_pos_BS, q_seg_BT=None, kv_seg_BS=None):
+  """The op's ``allowed`` [B, Tq, Tk]: the mask on positions and, if given, equal segment ids."""
+  ok = mask.allowed(q_pos_BT[:, :, None], kv_pos_BS[:, None, :])
+  if q_seg_BT is not None:
+    ok &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
+  return ok

@@ -5,7 +5,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from lsm.kernels.attention.mask import Mask
+from lsm.kernels.attention.mask import Mask, allowed_pairs
 
 
 def accumulation_dtype(dtype) -> jnp.dtype:
@@ -15,14 +15,6 @@ def accumulation_dtype(dtype) -> jnp.dtype:
 
 def soft_cap(s, cap):
   return s if cap is None else cap * jnp.tanh(s / cap)
-
-
-def allowed_matrix(mask: Mask, q_pos_BT, kv_pos_BS, q_seg_BT, kv_seg_BS):
-  """Boolean [B, Tq, Tk] from positions and segment ids (segments may be None)."""
-  ok = mask.allowed(q_pos_BT[:, :, None], kv_pos_BS[:, None, :])
-  if q_seg_BT is not None:
-    ok &= q_seg_BT[:, :, None] == kv_seg_BS[:, None, :]
-  return ok
 
 
 def attention_reference(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
@@ -35,7 +27,7 @@ def attention_reference(q, k, v, *, mask: Mask, q_positions, kv_positions, q_seg
   q_BTKGD = q.reshape(b, tq, hkv, g, d).astype(acc)
   s = jnp.einsum("btkgd,bskd->bkgts", q_BTKGD, k.astype(acc)) * scale
   s = soft_cap(s, logits_soft_cap)
-  ok = allowed_matrix(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  ok = allowed_pairs(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids)
   ok = ok[:, None, None]  # [B, 1, 1, Tq, Tk]
 
   # Double `where` keeps infinities out of the differentiated expressions, so rows that see

@@ -19,7 +19,7 @@ import jax.numpy as jnp
 from jax import lax
 
 from lsm.kernels.attention.blocks import BlockSizes, TokenBlocks, block_tables, visit_lists
-from lsm.kernels.attention.mask import Mask
+from lsm.kernels.attention.mask import Mask, allowed_pairs
 from lsm.kernels.attention.reference import accumulation_dtype
 
 
@@ -59,9 +59,8 @@ def _unblock(x_NBKRD, t: int, block: int):
 
 def _element_mask(st: _Static, qt: TokenBlocks, kt: TokenBlocks, i, j):
   """Allowed [B, 1, 1, bq, bk] for query block i against key block j (broadcast over G)."""
-  ok = st.mask.allowed(qt.pos[i][:, :, None], kt.pos[j][:, None, :])
-  if qt.seg is not None:
-    ok &= qt.seg[i][:, :, None] == kt.seg[j][:, None, :]
+  segments = (None, None) if qt.seg is None else (qt.seg[i], kt.seg[j])
+  ok = allowed_pairs(st.mask, qt.pos[i], kt.pos[j], *segments)
   ok &= kt.valid[j][:, None, :]
   return ok[:, None, None]
 
@@ -256,7 +255,7 @@ _attention.defvjp(_attention_fwd, _backward)
 def attention_xla(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
                   kv_segment_ids, sinks, scale: float, logits_soft_cap, block_sizes: BlockSizes):
   """Arguments already validated and normalised by `api.attention` (positions are [B, T])."""
+  bq, bk = block_sizes.clipped(q.shape[1], k.shape[1])
   st = _Static(mask=mask, scale=float(scale),
-               cap=None if logits_soft_cap is None else float(logits_soft_cap),
-               bq=min(block_sizes.q, q.shape[1]), bk=min(block_sizes.kv, k.shape[1]))
+               cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq, bk=bk)
   return _attention(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks)
