@@ -108,6 +108,14 @@ def visited_blocks(mask: Mask, q_positions, kv_positions, q_segment_ids=None,
   if q_segment_ids is not None:
     q_segment_ids = jnp.atleast_2d(jnp.asarray(q_segment_ids, jnp.int32))
     kv_segment_ids = jnp.atleast_2d(jnp.asarray(kv_segment_ids, jnp.int32))
+  for name, x in (("q_positions", q_positions), ("kv_positions", kv_positions),
+                  ("q_segment_ids", q_segment_ids), ("kv_segment_ids", kv_segment_ids)):
+    if x is not None and x.ndim != 2:
+      raise ValueError(f"visited_blocks: {name} must be [T] or [B, T], got shape {x.shape}")
+  batches = {x.shape[0] for x in (q_positions, kv_positions) if x.shape[0] != 1}
+  if len(batches) > 1:
+    raise ValueError(f"visited_blocks: q_positions and kv_positions have different batch sizes "
+                     f"{q_positions.shape[0]} and {kv_positions.shape[0]}")
   bq, bk = block_sizes.clipped(q_positions.shape[1], kv_positions.shape[1])
   qt = TokenBlocks.build(q_positions, q_segment_ids, bq)
   kt = TokenBlocks.build(kv_positions, kv_segment_ids, bk)

@@ -145,3 +145,12 @@ def test_skipped_blocks_are_never_read(name):
         np.testing.assert_array_equal(out[:, rows], np.asarray(clean_out)[:, rows])
         np.testing.assert_array_equal(dq[:, rows], np.asarray(clean_dq)[:, rows])
   assert skipped_somewhere
+
+
+@pytest.mark.parametrize("q_pos,kv_pos,match", [
+    (np.zeros((2, 3, 4), int), np.arange(4), r"q_positions must be \[T\] or \[B, T\]"),
+    (np.zeros((2, 8), int), np.zeros((3, 8), int), r"different batch sizes 2 and 3"),
+])
+def test_visited_blocks_rejects_bad_positions(q_pos, kv_pos, match):
+  with pytest.raises(ValueError, match=match):
+    visited_blocks(Mask(causal=True), q_pos, kv_pos)
