@@ -110,6 +110,16 @@ class Mask:
 
   def allowed(self, q_pos, kv_pos):
     """Boolean ``allowed`` for broadcastable integer position arrays (segments not included)."""
+    structural, extra = self.allowed_parts(q_pos, kv_pos, with_layout=True)
+    return structural if extra is None else structural | extra
+
+  def allowed_parts(self, q_pos, kv_pos, *, with_layout: bool):
+    """``(structural, extra)`` with ``allowed = structural | extra`` (``extra`` may be None).
+
+    ``structural`` is causal, window and chunk, and the layout only if ``with_layout``: the Pallas
+    kernels, which cannot gather from the layout per element, apply it per block instead.
+    Only elementwise integer ops, so it runs inside kernels.
+    """
     q_pos = jnp.asarray(q_pos)
     kv_pos = jnp.asarray(kv_pos)
     ok = jnp.ones(jnp.broadcast_shapes(q_pos.shape, kv_pos.shape), dtype=bool)
@@ -120,7 +130,7 @@ class Mask:
       ok &= (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
     if self.chunk is not None:
       ok &= jnp.floor_divide(q_pos, self.chunk) == jnp.floor_divide(kv_pos, self.chunk)
-    if self.layout is not None:
+    if self.layout is not None and with_layout:
       bq, bk = self.layout_block
       rows, cols = self.layout.shape
       qb = jnp.floor_divide(q_pos, bq)
@@ -128,14 +138,15 @@ class Mask:
       inside = (qb >= 0) & (qb < rows) & (kb >= 0) & (kb < cols)
       table = jnp.asarray(self.layout)
       ok &= inside & table[jnp.clip(qb, 0, rows - 1), jnp.clip(kb, 0, cols - 1)]
+    extra = None
     if self.sink_tokens is not None:
-      sink = kv_pos < self.sink_tokens
+      extra = kv_pos < self.sink_tokens
       if self.causal:
-        sink &= kv_pos <= q_pos
-      ok |= sink
+        extra &= kv_pos <= q_pos
     if self.prefix is not None:
-      ok |= (q_pos < self.prefix) & (kv_pos < self.prefix)
-    return ok
+      prefix = (q_pos < self.prefix) & (kv_pos < self.prefix)
+      extra = prefix if extra is None else extra | prefix
+    return ok, extra
 
   # ---------------------------------------------------------------- block level
 
@@ -179,13 +190,18 @@ class Mask:
       ok &= (jnp.floor_divide(q_hi, n) == chunk) & (jnp.floor_divide(kv_lo, n) == chunk) & (
           jnp.floor_divide(kv_hi, n) == chunk)
     if self.layout is not None:
-      bq, bk = self.layout_block
-      area = ((jnp.floor_divide(q_hi, bq) - jnp.floor_divide(q_lo, bq) + 1) *
-              (jnp.floor_divide(kv_hi, bk) - jnp.floor_divide(kv_lo, bk) + 1))
-      ok &= self._layout_count(q_lo, q_hi, kv_lo, kv_hi) == area
+      count, area = self.layout_cells(q_lo, q_hi, kv_lo, kv_hi)
+      ok &= count == area
     # Sinks and prefix only add visibility; a block they make wholly visible is still computed
     # with the element mask, which is correct, merely not the fastest.
     return ok
+
+  def layout_cells(self, q_lo, q_hi, kv_lo, kv_hi):
+    """(True layout cells, all cells) in the block rectangle covering the position ranges."""
+    bq, bk = self.layout_block
+    area = ((jnp.floor_divide(q_hi, bq) - jnp.floor_divide(q_lo, bq) + 1) *
+            (jnp.floor_divide(kv_hi, bk) - jnp.floor_divide(kv_lo, bk) + 1))
+    return self._layout_count(q_lo, q_hi, kv_lo, kv_hi), area
 
   def _layout_count(self, q_lo, q_hi, kv_lo, kv_hi):
     """Number of True layout entries in the block rectangle covering the position ranges."""

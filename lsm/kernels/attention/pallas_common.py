@@ -1,0 +1,246 @@
+"""What the TPU and GPU Pallas kernels share: visit plans and the math inside a kernel.
+
+A *visit plan* lists, per query block, the key blocks that may hold a visible pair (from
+`blocks.block_tables`) and a code per visit: whether the block is wholly visible (no element
+mask) and whether the block-sparse layout is on for it. When positions and segment ids are known
+at trace time the plan is computed then and the kernel grid is exactly as long as the longest
+list; with traced positions it is computed on device and the grid allows every block.
+
+The in-kernel functions take and return values (not refs) and use only elementwise ops, row
+reductions and matmuls, so one body serves Mosaic TPU, the GPU lowering and interpret mode.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+from lsm.kernels.attention.blocks import TokenBlocks, block_tables, visit_lists
+from lsm.kernels.attention.mask import Mask
+from lsm.log import log_once
+
+# Visit codes (bit flags) passed to the kernels.
+ACTIVE = 1  # the visit computes something
+FULL = 2  # every pair of the block is allowed: no element mask
+LAYOUT_ON = 4  # the block-sparse layout allows the whole block (else it allows none of it)
+
+NT_DIMS = (((1,), (1,)), ((), ()))  # a @ b.T
+NN_DIMS = (((1,), (0,)), ((), ()))  # a @ b
+
+
+def round_up(x: int, multiple: int) -> int:
+  return -(-x // multiple) * multiple
+
+
+def is_concrete(*xs) -> bool:
+  return all(x is None or not isinstance(x, jax.core.Tracer) for x in xs)
+
+
+def interpret_mode(implementation: str, interpret=None):
+  """``interpret`` for pallas_call: forced by the caller, else on whenever the backend is CPU."""
+  if interpret is not None:
+    return interpret
+  if jax.default_backend() == "cpu":
+    log_once(f"attention: implementation={implementation!r} runs in Pallas interpret mode on "
+             f"CPU (correct but slow; for stepping through the kernel, not for speed)")
+    return True
+  return False
+
+
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["index", "code"],
+                   meta_fields=["visits", "counts"])
+@dataclasses.dataclass(frozen=True)
+class VisitPlan:
+  """Per query block (rows) or key block (``transposed``): which blocks to visit, and how."""
+
+  index: jax.Array  # [n_rows * visits] int32 block index; repeats the last one past the list
+  code: jax.Array  # [n_rows * visits] int32 ACTIVE | FULL | LAYOUT_ON; 0 past the list
+  visits: int  # static: grid steps per row block
+  counts: tuple[int, ...] | None  # visits per row block when known at trace time
+
+
+def _layout_tables(mask: Mask, qt: TokenBlocks, kt: TokenBlocks):
+  """(layout wholly on [nq, nk], layout partly on [nq, nk]) per kernel block pair."""
+  q_lo, q_hi = qt.ranges(qt.pos)
+  k_lo, k_hi = kt.ranges(kt.pos)
+  count, area = mask.layout_cells(q_lo[:, None], q_hi[:, None], k_lo[None], k_hi[None])
+  return jnp.all(count == area, axis=-1), jnp.any((count > 0) & (count < area), axis=-1)
+
+
+def _plan_rows(visible, code, concrete: bool, transposed: bool) -> VisitPlan:
+  if transposed:
+    visible, code = visible.T, code.T
+  order, counts = visit_lists(visible)
+  visits = max(1, int(np.max(np.asarray(counts)))) if concrete else visible.shape[1]
+  n = jnp.arange(visits)[None, :]
+  last = jnp.maximum(counts[:, None] - 1, 0)
+  index = jnp.take_along_axis(order, jnp.minimum(n, last), axis=1)
+  code = jnp.take_along_axis(code, index, axis=1)
+  code = jnp.where(n < counts[:, None], code, 0)
+  return VisitPlan(index.reshape(-1).astype(jnp.int32), code.reshape(-1).astype(jnp.int32),
+                   visits, tuple(int(c) for c in np.asarray(counts)) if concrete else None)
+
+
+def plan_visits(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, bq: int, bk: int):
+  """(rows plan, transposed plan, layout mixed?) for kernel blocks of bq queries and bk keys.
+
+  ``layout mixed`` is a concrete bool when positions are known at trace time: True means some
+  visited kernel block straddles layout cells of different value, which the kernels cannot mask.
+  It is None when positions are traced (then the caller must not use a layout).
+  """
+  concrete = is_concrete(q_pos, kv_pos, q_seg, kv_seg)
+  with jax.ensure_compile_time_eval():
+    qt = TokenBlocks.build(q_pos, q_seg, bq)
+    kt = TokenBlocks.build(kv_pos, kv_seg, bk)
+    visible, full = block_tables(mask, qt, kt)
+    code = jnp.where(full, ACTIVE | FULL, ACTIVE)
+    mixed = None
+    if mask.layout is None:
+      code = code | LAYOUT_ON
+    else:
+      layout_on, partly = _layout_tables(mask, qt, kt)
+      code = code | jnp.where(layout_on, LAYOUT_ON, 0)
+      if concrete:
+        mixed = bool(jnp.any(partly & visible))
+    rows = _plan_rows(visible, code, concrete, transposed=False)
+    cols = _plan_rows(visible, code, concrete, transposed=True)
+  return rows, cols, mixed
+
+
+# ------------------------------------------------------------------------ in-kernel math
+
+
+def element_mask(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, code):
+  """Allowed pairs of one block; positions/ids broadcast against each other (column vs row)."""
+  structural, extra = mask.allowed_parts(q_pos, kv_pos, with_layout=False)
+  if mask.layout is not None:
+    structural = structural & ((code & LAYOUT_ON) != 0)
+  ok = structural if extra is None else structural | extra
+  if q_seg is not None:
+    ok = ok & (q_seg == kv_seg)
+  return ok
+
+
+def capped_scores(s, cap):
+  """(cap * tanh(s / cap), tanh(s / cap)) or (s, None)."""
+  if cap is None:
+    return s, None
+  t = jnp.tanh(s / cap)
+  return cap * t, t
+
+
+def softmax_step(m_prev, l_prev, s):
+  """One online-softmax step on scores ``s`` [R, bk] (masked entries -inf); stats [R, 1].
+
+  Returns (m_new, p, alpha, l_new): accumulators are rescaled by ``alpha`` and get ``p @ v``.
+  """
+  m_new = jnp.maximum(m_prev, jnp.max(s, axis=-1, keepdims=True))
+  m_safe = jnp.where(m_new == -jnp.inf, 0.0, m_new)
+  p = jnp.exp(s - m_safe)
+  alpha = jnp.exp(m_prev - m_safe)
+  return m_new, p, alpha, alpha * l_prev + jnp.sum(p, axis=-1, keepdims=True)
+
+
+def finish_rows(m, l, acc, sink):
+  """(out, lse) from the running stats; ``sink`` [R, 1] logits or None. Unseen rows: 0, -inf."""
+  if sink is not None:
+    m_all = jnp.maximum(m, sink)
+    alpha = jnp.exp(m - m_all)
+    l = alpha * l + jnp.exp(sink - m_all)
+    acc = acc * alpha
+    m = m_all
+  seen = l > 0
+  safe_l = jnp.where(seen, l, 1.0)
+  return acc / safe_l, jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+
+
+def score_grad(p, dp, row_term, tanh):
+  """d(loss)/d(q_scaled . k) from probabilities, d(loss)/dp and the row term delta - dlse."""
+  ds = p * (dp - row_term)
+  return ds if tanh is None else ds * (1.0 - tanh * tanh)
+
+
+# ------------------------------------------------------------------------ wrapper helpers
+
+
+def backward_rows(out, d_out, lse, d_lse):
+  """Per row: the term ``delta - dlse`` of every score gradient, and lse with -inf -> +inf.
+
+  ``+inf`` makes ``exp(s - lse)`` exactly 0 on rows that saw nothing. Shapes [B, Hq, Tq].
+  """
+  delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
+  row = delta if d_lse is None else delta - d_lse.astype(jnp.float32)
+  return row, jnp.where(jnp.isfinite(lse), lse, jnp.inf).astype(jnp.float32)
+
+
+def sinks_grad(sinks, lse_safe, row_term):
+  """Gradient of the sink logits: the sink column has value 0, so its score gradient is
+  ``p_sink * (dlse - delta)``. ``lse_safe`` and ``row_term`` are [B, Hq, Tq]."""
+  if sinks is None:
+    return None
+  p_sink = jnp.exp(sinks.astype(row_term.dtype).reshape(1, -1, 1) - lse_safe)
+  return jnp.sum(-p_sink * row_term, axis=(0, 2)).astype(sinks.dtype)
+
+
+def padded(x, axis: int, length: int, value=0):
+  """``x`` padded with ``value`` along ``axis`` to ``length``."""
+  if x.shape[axis] == length:
+    return x
+  pad = [(0, 0)] * x.ndim
+  pad[axis] = (0, length - x.shape[axis])
+  return jnp.pad(x, pad, constant_values=value)
+
+
+def padded_tokens(q_pos, kv_pos, q_seg, kv_seg, tq_p: int, tk_p: int):
+  """Positions and segment ids padded to the kernel lengths; padded keys are never visible.
+
+  Padding keys get segment id -1 (and queries keep theirs), so when keys are padded and the
+  caller gave no segment ids, ids are made up: 0 for every real token.
+  """
+  tk = kv_pos.shape[1]
+  if q_seg is None and tk_p != tk:
+    q_seg = jnp.zeros(q_pos.shape, jnp.int32)
+    kv_seg = jnp.zeros(kv_pos.shape, jnp.int32)
+  if q_seg is not None:
+    q_seg = padded(q_seg, 1, tq_p, -2)
+    kv_seg = padded(kv_seg, 1, tk_p, -1)
+  return padded(q_pos, 1, tq_p), padded(kv_pos, 1, tk_p), q_seg, kv_seg
+
+
+def unsupported_layout_reason(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, bq: int, bk: int):
+  """Why the kernels cannot apply ``mask.layout`` with these blocks, or None if they can."""
+  if mask.layout is None:
+    return None
+  if not is_concrete(q_pos, kv_pos):
+    return ("a block-sparse mask.layout needs positions known at trace time (the kernels apply "
+            "the layout per block and must check that no block straddles layout cells)")
+  _, _, mixed = plan_visits(mask, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+  if mixed:
+    return (f"kernel blocks of ({bq}, {bk}) tokens straddle layout cells of "
+            f"mask.layout_block={mask.layout_block} with these positions; give block_sizes that "
+            f"divide the layout block")
+  return None
+
+
+def layout_block_sizes(mask: Mask, bq: int, bk: int) -> tuple[int, int]:
+  """Shrink kernel blocks so they tile the layout's blocks (never straddle a layout cell)."""
+  if mask.layout is None:
+    return bq, bk
+  lbq, lbk = mask.layout_block
+  return int(np.gcd(bq, lbq)), int(np.gcd(bk, lbk))
+
+
+def where_rows(ok, x, fill, groups: int):
+  """``x`` [groups * bq, bk] with ``ok`` [bq, bk] applied to every group of rows."""
+  rows, cols = x.shape
+  x3 = x.reshape(groups, rows // groups, cols)
+  return jnp.where(ok[None], x3, fill).reshape(rows, cols)
+
+
+def dot(a, b, dims, out=jnp.float32):
+  return lax.dot_general(a, b, dims, preferred_element_type=out)
