@@ -52,7 +52,7 @@ def interpret_mode(implementation: str, interpret=None):
   return False
 
 
-@functools.partial(jax.tree_util.register_dataclass, data_fields=["index", "code"],
+@functools.partial(jax.tree_util.register_dataclass, data_fields=["index", "code", "count"],
                    meta_fields=["visits", "counts"])
 @dataclasses.dataclass(frozen=True)
 class VisitPlan:
@@ -60,6 +60,7 @@ class VisitPlan:
 
   index: jax.Array  # [n_rows * visits] int32 block index; repeats the last one past the list
   code: jax.Array  # [n_rows * visits] int32 ACTIVE | FULL | LAYOUT_ON; 0 past the list
+  count: jax.Array  # [n_rows] int32 length of each list
   visits: int  # static: grid steps per row block
   counts: tuple[int, ...] | None  # visits per row block when known at trace time
 
@@ -83,7 +84,8 @@ def _plan_rows(visible, code, concrete: bool, transposed: bool) -> VisitPlan:
   code = jnp.take_along_axis(code, index, axis=1)
   code = jnp.where(n < counts[:, None], code, 0)
   return VisitPlan(index.reshape(-1).astype(jnp.int32), code.reshape(-1).astype(jnp.int32),
-                   visits, tuple(int(c) for c in np.asarray(counts)) if concrete else None)
+                   counts.astype(jnp.int32), visits,
+                   tuple(int(c) for c in np.asarray(counts)) if concrete else None)
 
 
 def plan_visits(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, bq: int, bk: int):
