@@ -10,12 +10,14 @@ import numpy as np
 
 from lsm.kernels.attention.mask import Mask
 from lsm.kernels.attention.reference import attention_reference
+from lsm.kernels.attention import pallas_gpu, pallas_tpu
 from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.xla import attention_xla
 from lsm.log import log_once
 
-IMPLEMENTATIONS = ("reference", "xla")
-_PLANNED = ("pallas_tpu", "pallas_gpu")
+IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
+_KERNELS = {"pallas_tpu": (pallas_tpu, "tpu"), "pallas_gpu": (pallas_gpu, "gpu")}
+_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 
 
 def _shape(x, name):
@@ -63,11 +65,35 @@ def _check_layout_covers(mask: Mask, tq: int, tk: int):
         f"({-(-tq // bq)}, {-(-tk // bk)}) blocks or pass explicit positions")
 
 
-def default_implementation() -> tuple[str, str]:
-  """The implementation `implementation=None` picks on this backend, and why."""
+def _kernel_unsupported(implementation: str, q, k, mask: Mask, tokens, block_sizes,
+                        interpret: bool) -> str | None:
+  """Why a Pallas implementation cannot run these arguments compiled (or interpreted), or None."""
+  module, _ = _KERNELS[implementation]
+  if not interpret and q.dtype not in _KERNEL_DTYPES:
+    return f"q, k, v have dtype {q.dtype}; the compiled kernels take bfloat16, float16, float32"
+  return module.unsupported_reason(mask, *tokens, block_sizes, q.shape[1], k.shape[1],
+                                   q.shape[2] // k.shape[2], interpret)
+
+
+def _platform() -> str:
   backend = jax.default_backend()
-  return "xla", (f"backend '{backend}': the blockwise XLA path is the fastest implementation "
-                 f"lsm has for it")
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
+def default_implementation(q=None, k=None, mask: Mask | None = None, tokens=None,
+                           block_sizes=None) -> tuple[str, str]:
+  """The implementation `implementation=None` picks for these arguments, and why."""
+  platform = _platform()
+  for name, (_, kernel_platform) in _KERNELS.items():
+    if platform == kernel_platform:
+      if q is None:
+        return name, f"backend '{platform}'"
+      reason = _kernel_unsupported(name, q, k, mask, tokens, block_sizes, interpret=False)
+      if reason is None:
+        return name, f"backend '{platform}'"
+      return "xla", f"'{name}' cannot run this call: {reason}"
+  return "xla", (f"backend '{platform}': no Pallas kernel compiles for it, and the blockwise XLA "
+                 f"path is the fastest implementation lsm has there")
 
 
 def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positions=None,
@@ -88,9 +114,11 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
     sinks: [Hq] learned logits of an extra "attend to nothing" column in every softmax.
     scale: score scale (default ``D ** -0.5``).
     logits_soft_cap: scores become ``cap * tanh(s / cap)``.
-    implementation: "reference", "xla", or None (best for the backend; the choice is logged once).
+    implementation: "reference", "xla", "pallas_tpu", "pallas_gpu", or None: the Pallas kernel
+      of the backend when it supports the arguments, else "xla" (the choice and its reason are
+      logged once). A Pallas implementation asked for on CPU runs in interpret mode.
     return_lse: also return the float32 log-sum-exp [B, Hq, Tq] for `merge`.
-    block_sizes: `BlockSizes` of the blockwise paths.
+    block_sizes: `BlockSizes` of the blockwise paths (default: tuned per implementation).
 
   Returns:
     out [B, Tq, Hq, Dv] in q's dtype, and ``lse`` [B, Hq, Tq] if ``return_lse``. Rows that see
@@ -134,10 +162,12 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   kv_positions = _token_array(kv_positions, "kv_positions", b, tk)
   q_segment_ids = _token_array(q_segment_ids, "q_segment_ids", b, tq)
   kv_segment_ids = _token_array(kv_segment_ids, "kv_segment_ids", b, tk)
-  if q_positions is None:
-    q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
-  if kv_positions is None:
-    kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
+  # Default positions stay concrete under jit, so block visit plans are made at trace time.
+  with jax.ensure_compile_time_eval():
+    if q_positions is None:
+      q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
+    if kv_positions is None:
+      kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
   if sinks is not None:
     _shape(sinks, "sinks")
     if tuple(sinks.shape) != (hq,):
@@ -146,26 +176,37 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
     _check_float(sinks, "sinks")
   scale = _positive_number(d ** -0.5 if scale is None else scale, "scale", False)
   logits_soft_cap = _positive_number(logits_soft_cap, "logits_soft_cap", True)
-  if block_sizes is None:
-    block_sizes = BlockSizes()
-  if not isinstance(block_sizes, BlockSizes):
+  if block_sizes is not None and not isinstance(block_sizes, BlockSizes):
     raise TypeError(f"attention: block_sizes must be a BlockSizes or None, got "
                     f"{type(block_sizes).__name__}")
-  if implementation is None:
-    implementation, why = default_implementation()
-    log_once(f"attention: implementation=None -> '{implementation}' ({why})")
-  if implementation in _PLANNED:
-    raise ValueError(f"attention: implementation={implementation!r} (a Pallas kernel) is not in "
-                     f"this version of lsm yet; use one of {IMPLEMENTATIONS} or None")
-  if implementation not in IMPLEMENTATIONS:
+  if implementation is not None and implementation not in IMPLEMENTATIONS:
     raise ValueError(f"attention: implementation must be one of {IMPLEMENTATIONS} or None, got "
                      f"{implementation!r}")
+  tokens = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+  if implementation is None:
+    implementation, why = default_implementation(q, k, mask, tokens, block_sizes)
+    log_once(f"attention: implementation=None -> '{implementation}' ({why})")
+  if implementation in _KERNELS:
+    kernel_platform = _KERNELS[implementation][1]
+    platform = _platform()
+    if platform not in ("cpu", kernel_platform):
+      raise ValueError(f"attention: implementation={implementation!r} runs on {kernel_platform} "
+                       f"(or interpreted on cpu), but the default backend is {platform!r}")
+    reason = _kernel_unsupported(implementation, q, k, mask, tokens, block_sizes,
+                                 interpret=platform == "cpu")
+    if reason is not None:
+      raise ValueError(f"attention: implementation={implementation!r} cannot run this call: "
+                       f"{reason}")
 
   kwargs = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks,
                 scale=scale, logits_soft_cap=logits_soft_cap)
   if implementation == "reference":
     out, lse = attention_reference(q, k, v, **kwargs)
+  elif implementation == "xla":
+    out, lse = attention_xla(q, k, v, block_sizes=block_sizes or BlockSizes(), **kwargs)
+  elif implementation == "pallas_tpu":
+    out, lse = pallas_tpu.attention_pallas_tpu(q, k, v, block_sizes=block_sizes, **kwargs)
   else:
-    out, lse = attention_xla(q, k, v, block_sizes=block_sizes, **kwargs)
+    out, lse = pallas_gpu.attention_pallas_gpu(q, k, v, block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out

@@ -1,8 +1,8 @@
 """Shared inputs, runners and the error measure of the attention tests.
 
-Every comparison runs ``implementation="xla"`` in the dtype under test against
-``implementation="reference"`` in float64 on the same draws (drawn in float64, then cast), and
-measures the error with `normalised_error`.
+Every comparison runs a fast implementation (``xla``, or a Pallas kernel, interpreted on CPU) in
+the dtype under test against ``implementation="reference"`` in float64 on the same draws (drawn in
+float64, then cast), and measures the error with `normalised_error`.
 """
 
 from __future__ import annotations
@@ -20,6 +20,8 @@ from lsm.kernels.attention import BlockSizes, Mask, attention
 
 # Small blocks so short sequences span several blocks, and lengths below are not multiples.
 BLOCKS = BlockSizes(q=8, kv=16)
+# Every fast path; the Pallas kernels run in interpret mode on CPU.
+FAST = ("xla", "pallas_tpu", "pallas_gpu")
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 # An all-zero reference (e.g. the gradient of a row that sees nothing) must be matched exactly.
 _TINY = 1e-30
@@ -161,10 +163,11 @@ def run(implementation: str, dtype, inputs: Inputs, *, grads: bool = True, mask:
   return (*forward(q, k, v, sinks, *tokens, **static), None)
 
 
-def assert_matches_reference(inputs: Inputs, dtype, *, grads: bool = True, **kwargs):
-  """Runs xla in ``dtype`` and the reference in float64; asserts out, lse (and gradients) agree
-  within the tolerance of ``dtype``. Returns both results."""
-  got = run("xla", dtype, inputs, grads=grads, **kwargs)
+def assert_matches_reference(implementation: str, inputs: Inputs, dtype, *, grads: bool = True,
+                             **kwargs):
+  """Runs ``implementation`` in ``dtype`` and the reference in float64; asserts out, lse (and
+  gradients) agree within the tolerance of ``dtype``. Returns both results."""
+  got = run(implementation, dtype, inputs, grads=grads, **kwargs)
   want = run("reference", jnp.float64, inputs, grads=grads, **kwargs)
   assert got[0].dtype == jnp.dtype(dtype), got[0].dtype
   assert got[1].dtype == jnp.float32, got[1].dtype

@@ -1,4 +1,5 @@
-"""The blockwise XLA path against the float64 reference: forward, lse and gradients."""
+"""Every fast path (xla, pallas_tpu, pallas_gpu; the kernels interpreted on CPU) against the
+float64 reference: forward, lse and gradients."""
 
 import logging
 
@@ -9,8 +10,9 @@ import pytest
 
 import lsm.log
 from lsm.kernels.attention import BlockSizes, Mask, attention, default_implementation
-from tests.kernels.attention.helpers import (BLOCKS, Shape, assert_close, assert_matches_reference,
-                                             draw, packed_segments, run, seed_of)
+from tests.kernels.attention.helpers import (BLOCKS, FAST, Shape, assert_close,
+                                               assert_matches_reference, draw, packed_segments, run,
+                                               seed_of)
 
 _LAYOUTS = np.random.default_rng(1234)
 # Every mask kind on a 37-token sequence, cut into 5 query blocks of 8 and 3 key blocks of 16.
@@ -34,112 +36,123 @@ MASKS = {
 }
 
 
+@pytest.fixture(params=FAST)
+def implementation(request):
+  return request.param
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("name", MASKS)
-def test_every_mask(name, dtype):
+def test_every_mask(implementation, name, dtype):
   inputs = draw(seed_of("mask", name, str(dtype)), Shape())
-  assert_matches_reference(inputs, dtype, mask=MASKS[name])
+  assert_matches_reference(implementation, inputs, dtype, mask=MASKS[name])
 
 
 @pytest.mark.parametrize("name", MASKS)
-def test_every_mask_packed_with_sinks(name):
+def test_every_mask_packed_with_sinks(implementation, name):
   """Packed documents (positions restart per document) with sinks on top of every mask."""
   seed = seed_of("packed", name)
   shape = Shape()
   seg, pos = packed_segments(np.random.default_rng(seed), shape.b, shape.tq, max_docs=4)
-  assert_matches_reference(draw(seed, shape, sinks=True), jnp.float32, mask=MASKS[name],
-                          q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                          kv_segment_ids=seg)
+  inputs = draw(seed, shape, sinks=True)
+  tokens = dict(q_positions=pos, kv_positions=pos, q_segment_ids=seg, kv_segment_ids=seg)
+  if implementation.startswith("pallas") and MASKS[name].layout is not None:
+    # The kernels apply a layout per block, which needs positions known at trace time.
+    with pytest.raises(ValueError, match="mask.layout needs positions known at trace time"):
+      run(implementation, jnp.float32, inputs, mask=MASKS[name], **tokens)
+    return
+  assert_matches_reference(implementation, inputs, jnp.float32, mask=MASKS[name], **tokens)
 
 
 @pytest.mark.parametrize("hkv", [8, 4, 2, 1])
-def test_gqa_ratios(hkv):
+def test_gqa_ratios(implementation, hkv):
   shape = Shape(hq=8, hkv=hkv, tq=29, tk=29)
-  assert_matches_reference(draw(seed_of("gqa", hkv), shape, sinks=True), jnp.float32,
-                          mask=MASKS["causal_window"])
+  assert_matches_reference(implementation, draw(seed_of("gqa", hkv), shape, sinks=True),
+                            jnp.float32, mask=MASKS["causal_window"])
 
 
 @pytest.mark.parametrize("dv", [3, 16])
-def test_value_dim_differs_from_key_dim(dv):
-  got, _ = assert_matches_reference(draw(seed_of("dv", dv), Shape(dv=dv)), jnp.float32,
-                                   mask=Mask(causal=True))
+def test_value_dim_differs_from_key_dim(implementation, dv):
+  got, _ = assert_matches_reference(implementation, draw(seed_of("dv", dv), Shape(dv=dv)),
+                                      jnp.float32, mask=Mask(causal=True))
   assert got[0].shape == (2, 37, 4, dv)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_cross_lengths_with_offset(dtype):
+def test_cross_lengths_with_offset(implementation, dtype):
   """Chunked prefill: 21 queries at positions 24..44 over 45 keys, causal."""
   shape = Shape(tq=21, tk=45)
-  assert_matches_reference(draw(seed_of("offset", str(dtype)), shape), dtype,
-                          mask=Mask(causal=True), q_positions=np.arange(24, 45),
-                          kv_positions=np.arange(45))
+  assert_matches_reference(implementation, draw(seed_of("offset", str(dtype)), shape), dtype,
+                           mask=Mask(causal=True), q_positions=np.arange(24, 45),
+                           kv_positions=np.arange(45))
 
 
-def test_more_queries_than_keys():
-  assert_matches_reference(draw(seed_of("tq>tk"), Shape(tq=45, tk=13)), jnp.float32,
-                          mask=Mask(window=(6, 6)))
+def test_more_queries_than_keys(implementation):
+  assert_matches_reference(implementation, draw(seed_of("tq>tk"), Shape(tq=45, tk=13)),
+                            jnp.float32, mask=Mask(window=(6, 6)))
 
 
 @pytest.mark.parametrize("name", ["causal", "causal_window_sink_tokens"])
-def test_decode_one_query(name):
+def test_decode_one_query(implementation, name):
   """Tq = 1 at the last position, and a [B, 1] variant where every row has its own offset."""
   tk = 41
   shape = Shape(tq=1, tk=tk)
   inputs = draw(seed_of("decode", name), shape, sinks=True)
-  got, _ = assert_matches_reference(inputs, jnp.float32, mask=MASKS[name],
-                                   q_positions=np.array([tk - 1]), kv_positions=np.arange(tk))
+  got, _ = assert_matches_reference(implementation, inputs, jnp.float32, mask=MASKS[name],
+                                     q_positions=np.array([tk - 1]), kv_positions=np.arange(tk))
   assert got[0].shape == (2, 1, 4, 8)
-  assert_matches_reference(inputs, jnp.float32, mask=MASKS[name],
-                          q_positions=np.array([[tk - 1], [tk - 9]]), kv_positions=np.arange(tk))
+  assert_matches_reference(implementation, inputs, jnp.float32, mask=MASKS[name],
+                           q_positions=np.array([[tk - 1], [tk - 9]]), kv_positions=np.arange(tk))
 
 
 @pytest.mark.parametrize("t", [1, 5, 8, 9, 16, 17, 33])
 @pytest.mark.parametrize("blocks", [(8, 16), (16, 8)], ids=["bq8_bk16", "bq16_bk8"])
-def test_every_row_written_for_odd_lengths(t, blocks):
+def test_every_row_written_for_odd_lengths(implementation, t, blocks):
   """Lengths below, at and past block multiples: an unwritten or double-counted block shows
   up as a wrong (or non-finite) row."""
   inputs = draw(seed_of("odd", t, blocks), Shape(tq=t, tk=t))
-  got, _ = assert_matches_reference(inputs, jnp.float32, mask=Mask(causal=True, window=(6, 2)),
-                                   block_sizes=BlockSizes(*blocks))
+  got, _ = assert_matches_reference(implementation, inputs, jnp.float32,
+                                      mask=Mask(causal=True, window=(6, 2)),
+                                      block_sizes=BlockSizes(*blocks))
   assert np.all(np.isfinite(np.asarray(got[0])))
   assert np.all(np.isfinite(np.asarray(got[1])))
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_soft_cap_scale_and_sinks(dtype):
+def test_soft_cap_scale_and_sinks(implementation, dtype):
   inputs = draw(seed_of("cap", str(dtype)), Shape(), sinks=True)
   inputs.q *= 3.0  # large scores, so the cap really bends them
-  assert_matches_reference(inputs, dtype, mask=Mask(causal=True, window=(12, 0)),
-                          logits_soft_cap=2.5, scale=0.7)
+  assert_matches_reference(implementation, inputs, dtype, mask=Mask(causal=True, window=(12, 0)),
+                           logits_soft_cap=2.5, scale=0.7)
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
-def test_packed_segments_and_sinks(dtype):
+def test_packed_segments_and_sinks(implementation, dtype):
   seed = seed_of("segments", str(dtype))
   shape = Shape()
   seg, pos = packed_segments(np.random.default_rng(seed), shape.b, shape.tq, max_docs=5)
-  assert_matches_reference(draw(seed, shape, sinks=True), dtype, mask=Mask(causal=True),
-                          q_positions=pos, kv_positions=pos, q_segment_ids=seg,
-                          kv_segment_ids=seg)
+  assert_matches_reference(implementation, draw(seed, shape, sinks=True), dtype,
+                            mask=Mask(causal=True), q_positions=pos, kv_positions=pos,
+                            q_segment_ids=seg, kv_segment_ids=seg)
 
 
-def test_segments_without_positions():
+def test_segments_without_positions(implementation):
   """Segment ids with default (global) positions; segment ids need not be sorted."""
   rng = np.random.default_rng(seed_of("unsorted segments"))
   seg = rng.integers(0, 3, size=(2, 37)).astype(np.int32)
-  assert_matches_reference(draw(seed_of("seg only"), Shape()), jnp.float32,
-                          mask=Mask(causal=True), q_segment_ids=seg, kv_segment_ids=seg)
+  assert_matches_reference(implementation, draw(seed_of("seg only"), Shape()), jnp.float32,
+                           mask=Mask(causal=True), q_segment_ids=seg, kv_segment_ids=seg)
 
 
-def test_permuted_positions():
+def test_permuted_positions(implementation):
   """Tokens in a shuffled order with their positions (zigzag / striped layouts are such
   permutations): block ranges then span many positions, and the result still matches."""
   rng = np.random.default_rng(seed_of("permuted"))
   q_pos = np.stack([rng.permutation(37) for _ in range(2)])
   kv_pos = np.stack([rng.permutation(37) for _ in range(2)])
-  assert_matches_reference(draw(seed_of("permuted"), Shape()), jnp.float32,
-                          mask=Mask(causal=True, window=(7, 0)), q_positions=q_pos,
-                          kv_positions=kv_pos)
+  assert_matches_reference(implementation, draw(seed_of("permuted"), Shape()), jnp.float32,
+                           mask=Mask(causal=True, window=(7, 0)), q_positions=q_pos,
+                           kv_positions=kv_pos)
 
 
 def test_positions_as_t_or_bt():
