@@ -10,7 +10,7 @@ import numpy as np
 
 from lsm.kernels.attention.mask import Mask
 from lsm.kernels.attention.reference import attention_reference
-from lsm.kernels.attention import pallas_gpu, pallas_tpu
+from lsm.kernels.attention import pallas_common, pallas_gpu, pallas_tpu
 from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.xla import attention_xla
 from lsm.log import log_once
@@ -35,13 +35,15 @@ def _token_array(x, name, batch, length):
   """Positions / segment ids: [T] or [B, T] integers -> [B, T] int32."""
   if x is None:
     return None
-  x = jnp.asarray(x) if not isinstance(x, jax.Array) else x
+  # Host arrays stay numpy (concrete at trace time: the kernels then plan their visits now).
+  xp = jnp if isinstance(x, jax.Array) else np
+  x = xp.asarray(x)
   if not jnp.issubdtype(x.dtype, jnp.integer):
     raise TypeError(f"attention: {name} must have an integer dtype, got {x.dtype}")
   if x.shape not in ((length,), (batch, length)):
     raise ValueError(f"attention: {name} must have shape [{length}] or [{batch}, {length}], "
                      f"got {tuple(x.shape)}")
-  return jnp.broadcast_to(x.astype(jnp.int32), (batch, length))
+  return xp.broadcast_to(x.astype(np.int32), (batch, length))
 
 
 def _positive_number(x, name, allow_none):
@@ -75,15 +77,10 @@ def _kernel_unsupported(implementation: str, q, k, mask: Mask, tokens, block_siz
                                    q.shape[2] // k.shape[2], interpret)
 
 
-def _platform() -> str:
-  backend = jax.default_backend()
-  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
-
-
 def default_implementation(q=None, k=None, mask: Mask | None = None, tokens=None,
                            block_sizes=None) -> tuple[str, str]:
   """The implementation `implementation=None` picks for these arguments, and why."""
-  platform = _platform()
+  platform = pallas_common.platform()
   for name, (_, kernel_platform) in _KERNELS.items():
     if platform == kernel_platform:
       if q is None:
@@ -162,12 +159,12 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   kv_positions = _token_array(kv_positions, "kv_positions", b, tk)
   q_segment_ids = _token_array(q_segment_ids, "q_segment_ids", b, tq)
   kv_segment_ids = _token_array(kv_segment_ids, "kv_segment_ids", b, tk)
-  # Default positions stay concrete under jit, so block visit plans are made at trace time.
-  with jax.ensure_compile_time_eval():
-    if q_positions is None:
-      q_positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
-    if kv_positions is None:
-      kv_positions = jnp.broadcast_to(jnp.arange(tk, dtype=jnp.int32), (b, tk))
+  # Default positions are numpy arrays: concrete under jit and shard_map, so the kernels' block
+  # visit plans are made at trace time.
+  if q_positions is None:
+    q_positions = np.broadcast_to(np.arange(tq, dtype=np.int32), (b, tq))
+  if kv_positions is None:
+    kv_positions = np.broadcast_to(np.arange(tk, dtype=np.int32), (b, tk))
   if sinks is not None:
     _shape(sinks, "sinks")
     if tuple(sinks.shape) != (hq,):
@@ -188,7 +185,7 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
     log_once(f"attention: implementation=None -> '{implementation}' ({why})")
   if implementation in _KERNELS:
     kernel_platform = _KERNELS[implementation][1]
-    platform = _platform()
+    platform = pallas_common.platform()
     if platform not in ("cpu", kernel_platform):
       raise ValueError(f"attention: implementation={implementation!r} runs on {kernel_platform} "
                        f"(or interpreted on cpu), but the default backend is {platform!r}")

@@ -13,9 +13,11 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from lsm.kernels.attention.mask import Mask
+import numpy as np
 
-_BIG = jnp.iinfo(jnp.int32).max
+from lsm.kernels.attention.mask import Mask, array_module
+
+_BIG = np.iinfo(np.int32).max
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +42,7 @@ def token_blocks(x_BT, block: int, fill):
   """[B, T] -> [n, B, block], T padded with ``fill`` to a multiple of block."""
   b, t = x_BT.shape
   n = -(-t // block)
-  x = jnp.pad(x_BT, ((0, 0), (0, n * block - t)), constant_values=fill)
+  x = array_module(x_BT).pad(x_BT, ((0, 0), (0, n * block - t)), constant_values=fill)
   return x.reshape(b, n, block).transpose(1, 0, 2)  # [n, B, block]
 
 
@@ -55,14 +57,19 @@ class TokenBlocks:
 
   @classmethod
   def build(cls, pos_BT, seg_BT, block: int):
+    """numpy blocks when positions and ids are numpy arrays, else jax arrays."""
+    xp = array_module(pos_BT, *(() if seg_BT is None else (seg_BT,)))
+    pos_BT = xp.asarray(pos_BT)
+    seg_BT = None if seg_BT is None else xp.asarray(seg_BT)
     t = pos_BT.shape[1]
-    valid = token_blocks(jnp.ones(pos_BT.shape, bool), block, False)
+    valid = token_blocks(xp.ones(pos_BT.shape, bool), block, False)
     seg = None if seg_BT is None else token_blocks(seg_BT, block, 0)
     return cls(token_blocks(pos_BT, block, 0), seg, valid, t % block != 0)
 
   def ranges(self, x):
-    lo = jnp.min(jnp.where(self.valid, x, _BIG), axis=-1)
-    hi = jnp.max(jnp.where(self.valid, x, -_BIG), axis=-1)
+    xp = array_module(x)
+    lo = xp.min(xp.where(self.valid, x, _BIG), axis=-1)
+    hi = xp.max(xp.where(self.valid, x, -_BIG), axis=-1)
     return lo, hi  # [n, B]
 
 
@@ -79,20 +86,21 @@ def block_tables(mask: Mask, qt: TokenBlocks, kt: TokenBlocks):
     visible &= (qs_lo[:, None] <= ks_hi[None]) & (ks_lo[None] <= qs_hi[:, None])
     full &= (qs_lo[:, None] == qs_hi[:, None]) & (ks_lo[None] == ks_hi[None]) & (
         qs_lo[:, None] == ks_lo[None])
-  visible = jnp.any(visible, axis=-1)
-  full = jnp.all(full, axis=-1)
+  xp = array_module(visible, full)
+  visible = xp.any(visible, axis=-1)
+  full = xp.all(full, axis=-1)
   nq, nk = visible.shape
-  if qt.padded:
-    full = full.at[nq - 1, :].set(False)
-  if kt.padded:
-    full = full.at[:, nk - 1].set(False)
+  # Blocks holding padding are never full (their padded tokens must be masked).
+  full = full & (xp.arange(nq)[:, None] < nq - int(qt.padded))
+  full = full & (xp.arange(nk)[None, :] < nk - int(kt.padded))
   return visible, full
 
 
 def visit_lists(visible):
   """Per row: the visible column indices first (in order), and how many there are."""
-  order = jnp.argsort(~visible, axis=-1, stable=True).astype(jnp.int32)
-  return order, jnp.sum(visible, axis=-1, dtype=jnp.int32)
+  xp = array_module(visible)
+  order = xp.argsort(~visible, axis=-1, stable=True).astype(np.int32)
+  return order, xp.sum(visible, axis=-1, dtype=np.int32)
 
 
 def visited_blocks(mask: Mask, q_positions, kv_positions, q_segment_ids=None,

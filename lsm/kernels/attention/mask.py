@@ -25,7 +25,28 @@ import dataclasses
 from typing import Any
 
 import jax.numpy as jnp
+from jax import lax
 import numpy as np
+
+
+def array_module(*xs):
+  """numpy when every input is a numpy array or scalar (concrete, computed now), else jax.numpy.
+
+  Block-level mask tests run with numpy when positions are known at trace time, so visit plans
+  are static even inside ``shard_map`` or ``jit``.
+  """
+  return np if all(isinstance(x, (np.ndarray, np.generic, int)) for x in xs) else jnp
+
+
+def _floor_div(x, n: int):
+  """``x // n`` for positions in (-2**30, 2**30), without the ``sign`` op of ``jnp.floor_divide``
+  (Mosaic lowers ``sign`` only when it knows the TPU generation)."""
+  if array_module(x) is np:
+    return x // n
+  x = jnp.asarray(x)
+  k = (1 << 30) // n
+  shifted = x + x.dtype.type(k * n)
+  return lax.div(shifted, x.dtype.type(n)) - x.dtype.type(k)  # truncation of x >= 0 is the floor
 
 
 def _check_nonneg_int(name: str, value: Any, *, positive: bool = False) -> None:
@@ -129,7 +150,7 @@ class Mask:
       left, right = self.window
       ok &= (kv_pos >= q_pos - left) & (kv_pos <= q_pos + right)
     if self.chunk is not None:
-      ok &= jnp.floor_divide(q_pos, self.chunk) == jnp.floor_divide(kv_pos, self.chunk)
+      ok &= _floor_div(q_pos, self.chunk) == _floor_div(kv_pos, self.chunk)
     if self.layout is not None and with_layout:
       bq, bk = self.layout_block
       rows, cols = self.layout.shape
@@ -155,43 +176,43 @@ class Mask:
 
     All arguments are broadcastable integer arrays of inclusive position bounds.
     """
-    ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_lo), jnp.shape(kv_lo)), dtype=bool)
+    xp = array_module(q_lo, q_hi, kv_lo, kv_hi)
+    ok = xp.ones(np.broadcast_shapes(np.shape(q_lo), np.shape(kv_lo)), dtype=bool)
     if self.causal:
-      ok &= kv_lo <= q_hi
+      ok = ok & (kv_lo <= q_hi)
     if self.window is not None:
       left, right = self.window
-      ok &= (kv_lo <= q_hi + right) & (kv_hi >= q_lo - left)
+      ok = ok & ((kv_lo <= q_hi + right) & (kv_hi >= q_lo - left))
     if self.chunk is not None:
       n = self.chunk
-      ok &= (jnp.floor_divide(kv_lo, n) <= jnp.floor_divide(q_hi, n)) & (
-          jnp.floor_divide(q_lo, n) <= jnp.floor_divide(kv_hi, n))
+      ok = ok & ((kv_lo // n <= q_hi // n) & (q_lo // n <= kv_hi // n))
     if self.layout is not None:
-      ok &= self._layout_count(q_lo, q_hi, kv_lo, kv_hi) > 0
+      ok = ok & (self._layout_count(q_lo, q_hi, kv_lo, kv_hi) > 0)
     if self.sink_tokens is not None:
       sink = kv_lo < self.sink_tokens
       if self.causal:
-        sink &= kv_lo <= q_hi
-      ok |= sink
+        sink = sink & (kv_lo <= q_hi)
+      ok = ok | sink
     if self.prefix is not None:
-      ok |= (q_lo < self.prefix) & (kv_lo < self.prefix)
+      ok = ok | ((q_lo < self.prefix) & (kv_lo < self.prefix))
     return ok
 
   def block_is_full(self, q_lo, q_hi, kv_lo, kv_hi):
     """True only if every (query, key) pair with positions in the ranges is allowed."""
-    ok = jnp.ones(jnp.broadcast_shapes(jnp.shape(q_lo), jnp.shape(kv_lo)), dtype=bool)
+    xp = array_module(q_lo, q_hi, kv_lo, kv_hi)
+    ok = xp.ones(np.broadcast_shapes(np.shape(q_lo), np.shape(kv_lo)), dtype=bool)
     if self.causal:
-      ok &= kv_hi <= q_lo
+      ok = ok & (kv_hi <= q_lo)
     if self.window is not None:
       left, right = self.window
-      ok &= (kv_lo >= q_hi - left) & (kv_hi <= q_lo + right)
+      ok = ok & ((kv_lo >= q_hi - left) & (kv_hi <= q_lo + right))
     if self.chunk is not None:
       n = self.chunk
-      chunk = jnp.floor_divide(q_lo, n)
-      ok &= (jnp.floor_divide(q_hi, n) == chunk) & (jnp.floor_divide(kv_lo, n) == chunk) & (
-          jnp.floor_divide(kv_hi, n) == chunk)
+      chunk = q_lo // n
+      ok = ok & ((q_hi // n == chunk) & (kv_lo // n == chunk) & (kv_hi // n == chunk))
     if self.layout is not None:
       count, area = self.layout_cells(q_lo, q_hi, kv_lo, kv_hi)
-      ok &= count == area
+      ok = ok & (count == area)
     # Sinks and prefix only add visibility; a block they make wholly visible is still computed
     # with the element mask, which is correct, merely not the fastest.
     return ok
@@ -199,8 +220,7 @@ class Mask:
   def layout_cells(self, q_lo, q_hi, kv_lo, kv_hi):
     """(True layout cells, all cells) in the block rectangle covering the position ranges."""
     bq, bk = self.layout_block
-    area = ((jnp.floor_divide(q_hi, bq) - jnp.floor_divide(q_lo, bq) + 1) *
-            (jnp.floor_divide(kv_hi, bk) - jnp.floor_divide(kv_lo, bk) + 1))
+    area = (q_hi // bq - q_lo // bq + 1) * (kv_hi // bk - kv_lo // bk + 1)
     return self._layout_count(q_lo, q_hi, kv_lo, kv_hi), area
 
   def _layout_count(self, q_lo, q_hi, kv_lo, kv_hi):
@@ -210,11 +230,12 @@ class Mask:
     # Summed-area table with a zero border: count(r0..r1, c0..c1) from four corners.
     table = np.zeros((rows + 1, cols + 1), np.int32)
     table[1:, 1:] = np.cumsum(np.cumsum(self.layout.astype(np.int32), 0), 1)
-    table = jnp.asarray(table)
-    r0 = jnp.clip(jnp.floor_divide(q_lo, bq), 0, rows)
-    r1 = jnp.clip(jnp.floor_divide(q_hi, bq) + 1, 0, rows)
-    c0 = jnp.clip(jnp.floor_divide(kv_lo, bk), 0, cols)
-    c1 = jnp.clip(jnp.floor_divide(kv_hi, bk) + 1, 0, cols)
+    xp = array_module(q_lo, q_hi, kv_lo, kv_hi)
+    table = xp.asarray(table)
+    r0 = xp.clip(q_lo // bq, 0, rows)
+    r1 = xp.clip(q_hi // bq + 1, 0, rows)
+    c0 = xp.clip(kv_lo // bk, 0, cols)
+    c1 = xp.clip(kv_hi // bk + 1, 0, cols)
     return table[r1, c1] - table[r0, c1] - table[r1, c0] + table[r0, c0]
 
 

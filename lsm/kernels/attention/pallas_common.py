@@ -21,7 +21,7 @@ import numpy as np
 from jax import lax
 
 from lsm.kernels.attention.blocks import TokenBlocks, block_tables, visit_lists
-from lsm.kernels.attention.mask import Mask
+from lsm.kernels.attention.mask import Mask, array_module
 from lsm.log import log_once
 
 # Visit codes (bit flags) passed to the kernels.
@@ -41,11 +41,17 @@ def is_concrete(*xs) -> bool:
   return all(x is None or not isinstance(x, jax.core.Tracer) for x in xs)
 
 
+def platform() -> str:
+  """The default backend as 'cpu', 'gpu' or 'tpu' (tests replace it to check dispatch)."""
+  backend = jax.default_backend()
+  return "gpu" if backend in ("gpu", "cuda", "rocm") else backend
+
+
 def interpret_mode(implementation: str, interpret=None):
   """``interpret`` for pallas_call: forced by the caller, else on whenever the backend is CPU."""
   if interpret is not None:
     return interpret
-  if jax.default_backend() == "cpu":
+  if platform() == "cpu":
     log_once(f"attention: implementation={implementation!r} runs in Pallas interpret mode on "
              f"CPU (correct but slow; for stepping through the kernel, not for speed)")
     return True
@@ -70,47 +76,54 @@ def _layout_tables(mask: Mask, qt: TokenBlocks, kt: TokenBlocks):
   q_lo, q_hi = qt.ranges(qt.pos)
   k_lo, k_hi = kt.ranges(kt.pos)
   count, area = mask.layout_cells(q_lo[:, None], q_hi[:, None], k_lo[None], k_hi[None])
-  return jnp.all(count == area, axis=-1), jnp.any((count > 0) & (count < area), axis=-1)
+  xp = array_module(count, area)
+  return xp.all(count == area, axis=-1), xp.any((count > 0) & (count < area), axis=-1)
 
 
-def _plan_rows(visible, code, concrete: bool, transposed: bool) -> VisitPlan:
+def _plan_rows(visible, code, transposed: bool) -> VisitPlan:
+  xp = array_module(visible, code)
   if transposed:
     visible, code = visible.T, code.T
   order, counts = visit_lists(visible)
-  visits = max(1, int(np.max(np.asarray(counts)))) if concrete else visible.shape[1]
-  n = jnp.arange(visits)[None, :]
-  last = jnp.maximum(counts[:, None] - 1, 0)
-  index = jnp.take_along_axis(order, jnp.minimum(n, last), axis=1)
-  code = jnp.take_along_axis(code, index, axis=1)
-  code = jnp.where(n < counts[:, None], code, 0)
-  return VisitPlan(index.reshape(-1).astype(jnp.int32), code.reshape(-1).astype(jnp.int32),
-                   counts.astype(jnp.int32), visits,
-                   tuple(int(c) for c in np.asarray(counts)) if concrete else None)
+  concrete = xp is np
+  visits = max(1, int(np.max(counts))) if concrete else visible.shape[1]
+  n = xp.arange(visits)[None, :]
+  last = xp.maximum(counts[:, None] - 1, 0)
+  index = xp.take_along_axis(order, xp.minimum(n, last), axis=1)
+  code = xp.take_along_axis(code, index, axis=1)
+  code = xp.where(n < counts[:, None], code, 0)
+  return VisitPlan(index.reshape(-1).astype(np.int32), code.reshape(-1).astype(np.int32),
+                   counts.astype(np.int32), visits,
+                   tuple(int(c) for c in counts) if concrete else None)
 
 
 def plan_visits(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, bq: int, bk: int):
   """(rows plan, transposed plan, layout mixed?) for kernel blocks of bq queries and bk keys.
 
-  ``layout mixed`` is a concrete bool when positions are known at trace time: True means some
-  visited kernel block straddles layout cells of different value, which the kernels cannot mask.
-  It is None when positions are traced (then the caller must not use a layout).
+  Computed with numpy when positions and ids are known at trace time (the plan is then static
+  and the grid as short as the longest list), else on device. ``layout mixed`` is a bool in the
+  first case: True means some visited kernel block straddles layout cells of different value,
+  which the kernels cannot mask. It is None with traced positions or without a layout.
   """
-  concrete = is_concrete(q_pos, kv_pos, q_seg, kv_seg)
-  with jax.ensure_compile_time_eval():
-    qt = TokenBlocks.build(q_pos, q_seg, bq)
-    kt = TokenBlocks.build(kv_pos, kv_seg, bk)
-    visible, full = block_tables(mask, qt, kt)
-    code = jnp.where(full, ACTIVE | FULL, ACTIVE)
-    mixed = None
-    if mask.layout is None:
-      code = code | LAYOUT_ON
-    else:
-      layout_on, partly = _layout_tables(mask, qt, kt)
-      code = code | jnp.where(layout_on, LAYOUT_ON, 0)
-      if concrete:
-        mixed = bool(jnp.any(partly & visible))
-    rows = _plan_rows(visible, code, concrete, transposed=False)
-    cols = _plan_rows(visible, code, concrete, transposed=True)
+  tokens = (q_pos, kv_pos, q_seg, kv_seg)
+  if is_concrete(*tokens):
+    tokens = tuple(None if x is None else np.asarray(x) for x in tokens)
+  q_pos, kv_pos, q_seg, kv_seg = tokens
+  qt = TokenBlocks.build(q_pos, q_seg, bq)
+  kt = TokenBlocks.build(kv_pos, kv_seg, bk)
+  visible, full = block_tables(mask, qt, kt)
+  xp = array_module(visible, full)
+  code = xp.where(full, ACTIVE | FULL, ACTIVE)
+  mixed = None
+  if mask.layout is None:
+    code = code | LAYOUT_ON
+  else:
+    layout_on, partly = _layout_tables(mask, qt, kt)
+    code = code | xp.where(layout_on, LAYOUT_ON, 0)
+    if xp is np:
+      mixed = bool(np.any(partly & visible))
+  rows = _plan_rows(visible, code, transposed=False)
+  cols = _plan_rows(visible, code, transposed=True)
   return rows, cols, mixed
 
 
@@ -244,5 +257,12 @@ def where_rows(ok, x, fill, groups: int):
   return jnp.where(ok[None], x3, fill).reshape(rows, cols)
 
 
-def dot(a, b, dims, out=jnp.float32):
-  return lax.dot_general(a, b, dims, preferred_element_type=out)
+def out_struct(shape, dtype, like):
+  """ShapeDtypeStruct that varies over the mesh axes ``like`` varies over (inside shard_map)."""
+  return jax.ShapeDtypeStruct(shape, dtype, manual_axis_type=jax.typeof(like).mat)
+
+
+def dot(a, b, dims):
+  """float32-accumulated matmul; float32 operands at full precision (no bf16/tf32 passes)."""
+  precision = lax.Precision.HIGHEST if a.dtype == jnp.float32 else None
+  return lax.dot_general(a, b, dims, precision=precision, preferred_element_type=jnp.float32)

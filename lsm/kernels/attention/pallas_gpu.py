@@ -258,8 +258,8 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, co
       kernel, st, (tq_p // bq, b, hq), rows, in_specs, args,
       [pl.BlockSpec((None, bq, None, dv_p), lambda i, b_, h: (b_, i, h, 0)),
        pl.BlockSpec((None, None, bq), lambda i, b_, h: (b_, h, i))],
-      [jax.ShapeDtypeStruct((b, tq_p, hq, dv_p), q.dtype),
-       jax.ShapeDtypeStruct((b, hq, tq_p), jnp.float32)], d_p, "lsm_attention_fwd")
+      [pc.out_struct((b, tq_p, hq, dv_p), q.dtype, q),
+       pc.out_struct((b, hq, tq_p), jnp.float32, q)], d_p, "lsm_attention_fwd")
   return out[:, :tq, :, :dv], lse[:, :, :tq]
 
 
@@ -289,7 +289,7 @@ def _backward(st: _Static, res, cotangents):
   dq = _call(functools.partial(_dq_kernel, st=st, has_seg=has_seg), st, (tq_p // bq, b, hq),
              rows, in_specs, [q, k, v, do, lse_p, row_p] + token_args,
              pl.BlockSpec((None, bq, None, d_p), q_rows),
-             jax.ShapeDtypeStruct((b, tq_p, hq, d_p), q0.dtype), d_p, "lsm_attention_dq")
+             pc.out_struct((b, tq_p, hq, d_p), q0.dtype, q), d_p, "lsm_attention_dq")
 
   # dk/dv: per key block and KV head, over the transposed visit lists and the G query heads.
   kv_pos_p, q_pos_p, kv_seg_p, q_seg_p = tokens[1], tokens[0], tokens[3], tokens[2]
@@ -308,8 +308,8 @@ def _backward(st: _Static, res, cotangents):
       functools.partial(_dkv_kernel, st=st, has_seg=has_seg), st, (tk_p // bk, b, hkv), cols,
       in_specs, [k, v, q, do, lse_p, row_p] + token_args,
       [pl.BlockSpec((None, bk, None, d_p), kv_own), pl.BlockSpec((None, bk, None, dv_p), kv_own)],
-      [jax.ShapeDtypeStruct((b, tk_p, hkv, d_p), k0.dtype),
-       jax.ShapeDtypeStruct((b, tk_p, hkv, dv_p), v0.dtype)], d_p, "lsm_attention_dkv")
+      [pc.out_struct((b, tk_p, hkv, d_p), k0.dtype, q),
+       pc.out_struct((b, tk_p, hkv, dv_p), v0.dtype, q)], d_p, "lsm_attention_dkv")
   return (dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv_[:, :tk, :, :dv], None, None, None, None,
           pc.sinks_grad(sinks, lse_safe, row_term), None, None)
 

@@ -279,8 +279,8 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, co
       pl.BlockSpec((None, None, g, bq, dv_p), lambda b_, h, i, n, *_: (b_, h, 0, i, 0)),
       pl.BlockSpec((None, None, g, bq, 1), lambda b_, h, i, n, *_: (b_, h, 0, i, 0)),
   ]
-  out_shape = [jax.ShapeDtypeStruct((b, hkv, g, tq_p, dv_p), q.dtype),
-               jax.ShapeDtypeStruct((b, hkv, g, tq_p, 1), jnp.float32)]
+  out_shape = [pc.out_struct((b, hkv, g, tq_p, dv_p), q.dtype, q),
+               pc.out_struct((b, hkv, g, tq_p, 1), jnp.float32, q)]
   scratch = [pltpu.VMEM((g * bq, 1), jnp.float32), pltpu.VMEM((g * bq, 1), jnp.float32),
              pltpu.VMEM((g * bq, dv_p), jnp.float32)]
   kernel = functools.partial(_forward_kernel, st=st, has_seg=has_seg, has_sinks=has_sinks)
@@ -332,7 +332,7 @@ def _backward(st: _Static, res, cotangents):
   dq5 = _call(functools.partial(_dq_kernel, st=st, has_seg=has_seg), st,
               (b, hkv, tq_p // bq, visits), in_specs,
               pl.BlockSpec((None, None, g, bq, d_p), q_rows),
-              jax.ShapeDtypeStruct((b, hkv, g, tq_p, d_p), q.dtype),
+              pc.out_struct((b, hkv, g, tq_p, d_p), q.dtype, q),
               [pltpu.VMEM((g * bq, d_p), jnp.float32)], rows, args, "lsm_attention_dq")
 
   # dk/dv: per key block, the transposed visit lists.
@@ -361,8 +361,8 @@ def _backward(st: _Static, res, cotangents):
       functools.partial(_dkv_kernel, st=st, has_seg=has_seg), st,
       (b, hkv, tk_p // bk, visits_t), in_specs,
       [pl.BlockSpec((None, None, bk, d_p), kv_own), pl.BlockSpec((None, None, bk, dv_p), kv_own)],
-      [jax.ShapeDtypeStruct((b, hkv, tk_p, d_p), k.dtype),
-       jax.ShapeDtypeStruct((b, hkv, tk_p, dv_p), v.dtype)],
+      [pc.out_struct((b, hkv, tk_p, d_p), k.dtype, q),
+       pc.out_struct((b, hkv, tk_p, dv_p), v.dtype, q)],
       [pltpu.VMEM((bk, d_p), jnp.float32), pltpu.VMEM((bk, dv_p), jnp.float32)], cols, args,
       "lsm_attention_dkv")
 

@@ -57,6 +57,13 @@ def _unblock(x_NBKRD, t: int, block: int):
   return x.reshape(b, n * block, hkv * g, d)[:, :t]
 
 
+def _token_blocks(st: _Static, q_pos, kv_pos, q_seg, kv_seg):
+  """Per-block tokens as jax arrays: the loops below index them with traced block numbers."""
+  as_jax = lambda x: None if x is None else jnp.asarray(x)  # noqa: E731
+  return (TokenBlocks.build(as_jax(q_pos), as_jax(q_seg), st.bq),
+          TokenBlocks.build(as_jax(kv_pos), as_jax(kv_seg), st.bk))
+
+
 def _element_mask(st: _Static, qt: TokenBlocks, kt: TokenBlocks, i, j):
   """Allowed [B, 1, 1, bq, bk] for query block i against key block j (broadcast over G)."""
   segments = (None, None) if qt.seg is None else (qt.seg[i], kt.seg[j])
@@ -103,8 +110,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
   g = hq // hkv
   dv = v.shape[-1]
   acc = accumulation_dtype(q.dtype)
-  qt = TokenBlocks.build(q_pos, q_seg, st.bq)
-  kt = TokenBlocks.build(kv_pos, kv_seg, st.bk)
+  qt, kt = _token_blocks(st, q_pos, kv_pos, q_seg, kv_seg)
   q_blocks = _blocks(_scaled(q, st.scale, acc), st.bq, hkv)  # [nq, B, Hkv, G * bq, D]
   k_blocks = _blocks(k, st.bk, hkv)  # [nk, B, Hkv, bk, D]
   v_blocks = _blocks(v, st.bk, hkv)
@@ -164,8 +170,7 @@ def _backward(st: _Static, res, cotangents):
   tq, hq = q.shape[1], q.shape[2]
   tk, hkv = k.shape[1], k.shape[2]
   acc = accumulation_dtype(q.dtype)
-  qt = TokenBlocks.build(q_pos, q_seg, st.bq)
-  kt = TokenBlocks.build(kv_pos, kv_seg, st.bk)
+  qt, kt = _token_blocks(st, q_pos, kv_pos, q_seg, kv_seg)
   q_blocks = _blocks(_scaled(q, st.scale, acc), st.bq, hkv)
   do_blocks = _blocks(d_out, st.bq, hkv)
   k_blocks = _blocks(k, st.bk, hkv)

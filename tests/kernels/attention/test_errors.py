@@ -96,12 +96,8 @@ CASES = [
     ("block_sizes_type", dict(block_sizes=(8, 8)), TypeError,
      r"block_sizes must be a BlockSizes"),
     ("implementation", dict(implementation="pallas"), ValueError,
-     r"implementation must be one of \('reference', 'xla'\)"),
+     r"implementation must be one of \('reference', 'xla', 'pallas_tpu', 'pallas_gpu'\)"),
     ("implementation_case", dict(implementation="XLA"), ValueError, r"implementation"),
-    ("implementation_pallas_tpu", dict(implementation="pallas_tpu"), ValueError,
-     r"implementation='pallas_tpu' \(a Pallas kernel\) is not in this version"),
-    ("implementation_pallas_gpu", dict(implementation="pallas_gpu"), ValueError,
-     r"implementation='pallas_gpu' \(a Pallas kernel\) is not in this version"),
 ]
 
 
