@@ -71,7 +71,7 @@ def _kernel_unsupported(implementation: str, q, k, mask: Mask, tokens, block_siz
                         interpret: bool) -> str | None:
   """Why a Pallas implementation cannot run these arguments compiled (or interpreted), or None."""
   module, _ = _KERNELS[implementation]
-  if not interpret and q.dtype not in _KERNEL_DTYPES:
+  if q.dtype not in _KERNEL_DTYPES:
     return f"q, k, v have dtype {q.dtype}; the compiled kernels take bfloat16, float16, float32"
   return module.unsupported_reason(mask, *tokens, block_sizes, q.shape[1], k.shape[1],
                                    q.shape[2] // k.shape[2], interpret)

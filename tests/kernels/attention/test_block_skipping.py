@@ -1,5 +1,6 @@
-"""Block skipping: which key blocks the XLA path visits, and that it really leaves the others
-alone (keys poisoned with NaN in skipped blocks never reach an output)."""
+"""Block skipping: which key blocks are visited per query block, and that every fast path (xla
+and both kernels) really leaves the others alone (keys poisoned with NaN in skipped blocks never
+reach an output)."""
 
 import functools
 
@@ -9,8 +10,9 @@ import numpy as np
 import pytest
 
 from lsm.kernels.attention import BlockSizes, Mask, attention, visited_blocks
-from tests.kernels.attention.helpers import (Shape, allowed_by_definition, assert_close, draw,
-                                             run, seed_of)
+from lsm.kernels.attention import pallas_common
+from tests.kernels.attention.helpers import (FAST, Shape, allowed_by_definition, assert_close,
+                                             draw, run, seed_of)
 
 
 def _needed_blocks(mask, q_pos, kv_pos, bq, bk, q_seg=None, kv_seg=None):
@@ -108,33 +110,38 @@ _POISON_MASKS = {
 _POISON_BLOCKS = BlockSizes(q=16, kv=8)
 
 
-@functools.partial(jax.jit, static_argnames="mask")
-def _xla_with_grads(q, k, v, w, *, mask):
+@functools.partial(jax.jit, static_argnames=("mask", "implementation"))
+def _with_grads(q, k, v, w, *, mask, implementation):
   def loss(q, k, v):
-    out = attention(q, k, v, mask=mask, implementation="xla", block_sizes=_POISON_BLOCKS)
+    out = attention(q, k, v, mask=mask, implementation=implementation,
+                    block_sizes=_POISON_BLOCKS)
     return jnp.sum(out * w), out
   (_, out), grads = jax.value_and_grad(loss, argnums=(0, 1, 2), has_aux=True)(q, k, v)
   return out, grads
 
 
+@pytest.mark.parametrize("implementation", FAST)
 @pytest.mark.parametrize("name", _POISON_MASKS)
-def test_skipped_blocks_are_never_read(name):
+def test_skipped_blocks_are_never_read(name, implementation):
   """Poison one key block at a time with NaN: exactly the query blocks that visit it turn NaN;
   every other row, and its dq, is unchanged — the skipped block was never read."""
   mask = _POISON_MASKS[name]
-  t, bq, bk = 45, _POISON_BLOCKS.q, _POISON_BLOCKS.kv
+  t = 45
+  # The kernels shrink their blocks to tile the layout's blocks.
+  bq, bk = (_POISON_BLOCKS.q, _POISON_BLOCKS.kv) if implementation == "xla" else (
+      pallas_common.layout_block_sizes(mask, _POISON_BLOCKS.q, _POISON_BLOCKS.kv))
   inputs = draw(seed_of("poison", name), Shape(b=1, tq=t, tk=t))
   q, k, v, _, w, _ = inputs.arrays(jnp.float32)
   visited = np.asarray(visited_blocks(mask, np.arange(t), np.arange(t),
-                                      block_sizes=_POISON_BLOCKS))
-  clean_out, (clean_dq, _, _) = _xla_with_grads(q, k, v, w, mask=mask)
+                                      block_sizes=BlockSizes(bq, bk)))
+  with_grads = functools.partial(_with_grads, mask=mask, implementation=implementation)
+  clean_out, (clean_dq, _, _) = with_grads(q, k, v, w)
   want = run("reference", jnp.float64, inputs, grads=False, mask=mask)[0]
   assert_close(clean_out, want, jnp.float32, "out")
   skipped_somewhere = False
   for j in range(visited.shape[1]):
     keys = slice(j * bk, (j + 1) * bk)
-    out, (dq, _, _) = _xla_with_grads(q, k.at[:, keys].set(jnp.nan), v.at[:, keys].set(jnp.nan),
-                                      w, mask=mask)
+    out, (dq, _, _) = with_grads(q, k.at[:, keys].set(jnp.nan), v.at[:, keys].set(jnp.nan), w)
     out, dq = np.asarray(out), np.asarray(dq)
     for i in range(visited.shape[0]):
       rows = slice(i * bq, (i + 1) * bq)

@@ -10,7 +10,7 @@ import pytest
 from lsm.kernels.attention import BlockSizes, Mask, attention
 from tests.kernels.attention.helpers import Inputs, Shape, assert_close, draw, run, seed_of
 
-IMPLEMENTATIONS = ["xla", "reference"]
+IMPLEMENTATIONS = ["xla", "reference", "pallas_tpu", "pallas_gpu"]
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -87,9 +87,10 @@ def _unseen_rows(q, k, v, sinks, q_pos, q_seg, kv_seg, *, implementation, with_s
 
 
 @pytest.mark.parametrize("with_sinks", [False, True], ids=["no_sinks", "sinks"])
-@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float64],
-                         ids=["f32", "bf16", "f64"])
-@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+@pytest.mark.parametrize("implementation,dtype", [
+    (name, dtype) for name in IMPLEMENTATIONS
+    for dtype in (jnp.float32, jnp.bfloat16) + ((jnp.float64,) if "pallas" not in name else ())
+], ids=lambda x: x if isinstance(x, str) else jnp.dtype(x).name)
 def test_rows_that_see_nothing(implementation, dtype, with_sinks):
   """Rows before every key (causal with a negative position) or in a segment no key has:
   out exactly 0, lse -inf (or the sink logit), no NaN anywhere in the gradients."""

@@ -1,5 +1,5 @@
-"""Property tests: the XLA path equals the float64 reference over random masks, shapes,
-positions and segment layouts (forward and lse, float32 tolerance)."""
+"""Property tests: the XLA path and the Pallas kernels (interpreted) equal the float64 reference
+over random masks, shapes, positions and segment layouts (forward and lse, float32 tolerance)."""
 
 import jax.numpy as jnp
 import numpy as np
@@ -50,10 +50,7 @@ def cases(draw_):
           draw_(st.booleans()), draw_(st.integers(0, 2**32 - 1)))
 
 
-@pytest.mark.slow
-@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases())
-def test_xla_matches_reference(case):
+def _check_case(implementation, case):
   shape, mask, (q_pos, kv_pos, q_seg, kv_seg), with_sinks, seed = case
   if mask.layout is not None and q_pos is None and kv_pos is None:
     bq, bk = mask.layout_block
@@ -62,7 +59,28 @@ def test_xla_matches_reference(case):
   inputs = draw(seed, shape, sinks=with_sinks)
   kwargs = dict(mask=mask, block_sizes=BLOCKS, q_positions=q_pos, kv_positions=kv_pos,
                 q_segment_ids=q_seg, kv_segment_ids=kv_seg, grads=False)
-  got = run("xla", jnp.float32, inputs, **kwargs)
+  traced_positions = q_pos is not None or kv_pos is not None
+  if implementation != "xla" and mask.layout is not None and traced_positions:
+    with pytest.raises(ValueError, match="mask.layout needs positions known at trace time"):
+      run(implementation, jnp.float32, inputs, **kwargs)
+    return
+  got = run(implementation, jnp.float32, inputs, **kwargs)
   want = run("reference", jnp.float64, inputs, **kwargs)
   assert_close(got[0], want[0], jnp.float32, "out")
   assert_close(got[1], want[1], jnp.float32, "lse")
+
+
+@pytest.mark.slow
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_xla_matches_reference(case):
+  _check_case("xla", case)
+
+
+# Interpreted kernels compile slowly: fewer examples, each still a fresh mask and layout.
+@pytest.mark.slow
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+@settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(case=cases())
+def test_kernels_match_reference(implementation, case):
+  _check_case(implementation, case)
