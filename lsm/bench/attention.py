@@ -229,10 +229,16 @@ def markdown(result: dict) -> str:
 
 
 def main(argv: list[str]) -> int:
+  if "--gpu" in argv:
+    from lsm.bench import attention_gpu  # noqa: PLC0415 — it imports this module
+    return attention_gpu.main([a for a in argv if a != "--gpu"])
   parser = argparse.ArgumentParser(prog="python -m lsm.bench attention", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="a one-minute smoke run at small sizes (not for the README table)")
+  parser.add_argument("--gpu", action="store_true",
+                      help="the GPU benchmark instead: Pallas kernel vs cuDNN and XLA, bf16 "
+                           "(see `--gpu --help`)")
   parser.add_argument("--lengths", type=int, nargs="+", default=[1024, 2048, 4096, 8192, 16384])
   parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
   parser.add_argument("--long-lengths", type=int, nargs="*", default=[32768, 65536, 131072],
