@@ -203,7 +203,7 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   elif implementation == "xla":
     out, lse = attention_xla(q, k, v, block_sizes=block_sizes or BlockSizes(), **kwargs)
   elif implementation == "pallas_tpu":
-    out, lse = pallas_tpu.attention_pallas_tpu(q, k, v, block_sizes=block_sizes, **kwargs)
+    out, lse = pallas_tpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
   else:
-    out, lse = pallas_gpu.attention_pallas_gpu(q, k, v, block_sizes=block_sizes, **kwargs)
+    out, lse = pallas_gpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out

@@ -14,13 +14,14 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lsm.kernels.attention.blocks import TokenBlocks, block_tables, visit_lists
+from lsm.kernels.attention.blocks import BlockSizes, TokenBlocks, block_tables, visit_lists
 from lsm.kernels.attention.mask import Mask, array_module
 from lsm.log import log_once
 
@@ -178,6 +179,83 @@ def score_grad(p, dp, row_term, tanh):
   """d(loss)/d(q_scaled . k) from probabilities, d(loss)/dp and the row term delta - dlse."""
   ds = p * (dp - row_term)
   return ds if tanh is None else ds * (1.0 - tanh * tanh)
+
+
+# ------------------------------------------------------------------------ the op around a kernel
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelStatic:
+  """What a kernel is specialised on (hashable; the custom_vjp's non-differentiable argument)."""
+
+  mask: Mask
+  scale: float
+  cap: float | None
+  bq: int
+  bk: int
+  groups: int  # query heads per KV head
+  visits: int  # grid steps / loop bound per query block
+  visits_t: int  # per key block (dk/dv)
+  interpret: object  # False, True or pltpu.InterpretParams
+
+
+@dataclasses.dataclass(frozen=True)
+class Kernel:
+  """One Pallas backend of the op: its block rules, and forward/backward made a custom_vjp.
+
+  ``forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols) -> (out, lse)``;
+  ``backward(st, residuals, (d_out, d_lse))`` with residuals the inputs then out, lse.
+  """
+
+  name: str
+  default_block_sizes: Callable[[int], BlockSizes]
+  block_sizes: Callable[[BlockSizes, Mask, int, int], tuple[int, int]]
+  hardware_error: Callable[[int, int], str | None]
+  forward: Callable
+  backward: Callable
+
+  def __post_init__(self):
+    op = jax.custom_vjp(self.forward, nondiff_argnums=(0,))
+
+    def forward_with_residuals(st, *args):
+      out, lse = self.forward(st, *args)
+      return (out, lse), (*args, out, lse)
+
+    op.defvjp(forward_with_residuals, self.backward)
+    object.__setattr__(self, "op", op)
+
+  def _blocks(self, block_sizes, mask, tq, tk, groups):
+    return self.block_sizes(block_sizes or self.default_block_sizes(groups), mask, tq, tk)
+
+  def unsupported_reason(self, mask: Mask, q_pos, kv_pos, q_seg, kv_seg,
+                         block_sizes: BlockSizes | None, tq: int, tk: int, groups: int,
+                         interpret) -> str | None:
+    """Why this kernel cannot run these arguments (compiled unless ``interpret``), or None."""
+    bq, bk = self._blocks(block_sizes, mask, tq, tk, groups)
+    if not interpret:
+      error = self.hardware_error(bq, bk)
+      if error:
+        return error
+    return unsupported_layout_reason(mask, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
+
+  def __call__(self, q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
+               kv_segment_ids, sinks, scale: float, logits_soft_cap,
+               block_sizes: BlockSizes | None, interpret=None):
+    """Arguments validated by `api.attention`; ``interpret`` None means "on CPU"."""
+    interpret = interpret_mode(self.name, interpret)
+    groups = q.shape[2] // k.shape[2]
+    tokens = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    reason = self.unsupported_reason(mask, *tokens, block_sizes, q.shape[1], k.shape[1],
+                                     groups, interpret)
+    if reason:
+      raise ValueError(f"attention: implementation={self.name!r} cannot run this call: {reason}")
+    bq, bk = self._blocks(block_sizes, mask, q.shape[1], k.shape[1], groups)
+    rows, cols, _ = plan_visits(mask, *tokens, bq, bk)
+    st = KernelStatic(mask=mask, scale=float(scale),
+                      cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq,
+                      bk=bk, groups=groups, visits=rows.visits, visits_t=cols.visits,
+                      interpret=interpret)
+    return self.op(st, q, k, v, *tokens, sinks, rows, cols)
 
 
 # ------------------------------------------------------------------------ wrapper helpers

@@ -13,10 +13,8 @@ registers and never written per query head.
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
@@ -26,19 +24,6 @@ from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.mask import Mask
 
 MIN_BLOCK = 16  # the smallest matmul tile GPU lowerings accept
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  mask: Mask
-  scale: float
-  cap: float | None
-  bq: int
-  bk: int
-  groups: int
-  visits: int
-  visits_t: int
-  interpret: object
 
 
 def _pow2(x: int) -> int:
@@ -71,6 +56,12 @@ def _compiler_params(d: int):
 # ------------------------------------------------------------------------------------ kernels
 
 
+def _visit(code, step, carry):
+  """``step(masked, carry)``: without the element mask on wholly visible blocks."""
+  return lax.cond((code & pc.FULL) != 0, functools.partial(step, False),
+                  functools.partial(step, True), carry)
+
+
 def _unpack(refs, has_seg, has_sinks=False):
   """(q_pos, kv_pos, q_seg, kv_seg, sinks, rest) refs; absent ones are None."""
   refs = list(refs)
@@ -83,7 +74,7 @@ def _unpack(refs, has_seg, has_sinks=False):
   return q_pos, kv_pos, q_seg, kv_seg, sinks, refs
 
 
-def _forward_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, *refs, st: _Static,
+def _forward_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, *refs, st: pc.KernelStatic,
                     has_seg: bool, has_sinks: bool):
   q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, sinks_ref, (o_ref, lse_ref) = _unpack(
       refs, has_seg, has_sinks)
@@ -109,8 +100,7 @@ def _forward_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, *refs, 
       v = v_ref[keys, :]
       return m, l, alpha * acc + pc.dot(p.astype(v.dtype), v, pc.NN_DIMS)
 
-    return lax.cond((code & pc.FULL) != 0, functools.partial(step, False),
-                    functools.partial(step, True), carry)
+    return _visit(code, step, carry)
 
   init = (jnp.full((bq, 1), -jnp.inf, jnp.float32), jnp.zeros((bq, 1), jnp.float32),
           jnp.zeros((bq, o_ref.shape[-1]), jnp.float32))
@@ -124,7 +114,7 @@ def _forward_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, *refs, 
 
 
 def _dq_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_ref, row_ref,
-               *refs, st: _Static, has_seg: bool):
+               *refs, st: pc.KernelStatic, has_seg: bool):
   q_pos_ref, kv_pos_ref, q_seg_ref, kv_seg_ref, _, (dq_ref,) = _unpack(refs, has_seg)
   i = pl.program_id(0)
   bk = st.bk
@@ -149,15 +139,14 @@ def _dq_kernel(index_ref, code_ref, count_ref, q_ref, k_ref, v_ref, do_ref, lse_
       ds = pc.score_grad(p, pc.dot(do, v_ref[keys, :], pc.NT_DIMS), row, tanh)
       return dq + pc.dot(ds.astype(k.dtype), k, pc.NN_DIMS)
 
-    return lax.cond((code & pc.FULL) != 0, functools.partial(step, False),
-                    functools.partial(step, True), dq)
+    return _visit(code, step, dq)
 
   dq = lax.fori_loop(0, count_ref[i], body, jnp.zeros(dq_ref.shape, jnp.float32))
   dq_ref[...] = (dq * st.scale).astype(dq_ref.dtype)
 
 
 def _dkv_kernel(index_ref, code_ref, count_ref, k_ref, v_ref, q_ref, do_ref, lse_ref, row_ref,
-                *refs, st: _Static, has_seg: bool):
+                *refs, st: pc.KernelStatic, has_seg: bool):
   kv_pos_ref, q_pos_ref, kv_seg_ref, q_seg_ref, _, (dk_ref, dv_ref) = _unpack(refs, has_seg)
   j = pl.program_id(0)
   bq = st.bq
@@ -187,8 +176,7 @@ def _dkv_kernel(index_ref, code_ref, count_ref, k_ref, v_ref, q_ref, do_ref, lse
         dk = dk + pc.dot(ds_t.astype(q.dtype), q, pc.NN_DIMS)
       return dk, dv
 
-    return lax.cond((code & pc.FULL) != 0, functools.partial(step, False),
-                    functools.partial(step, True), carry)
+    return _visit(code, step, carry)
 
   init = (jnp.zeros(dk_ref.shape, jnp.float32), jnp.zeros(dv_ref.shape, jnp.float32))
   dk, dv = lax.fori_loop(0, count_ref[j], body, init)
@@ -203,7 +191,7 @@ def _whole(x):
   return pl.BlockSpec(x.shape, lambda *_: (0,) * x.ndim)
 
 
-def _call(kernel, st: _Static, grid, plan, in_specs, args, out_specs, out_shape, d: int, name):
+def _call(kernel, st: pc.KernelStatic, grid, plan, in_specs, args, out_specs, out_shape, d: int, name):
   plan_args = [plan.index, plan.code, plan.count]
   return pl.pallas_call(
       kernel, grid=grid, in_specs=[_whole(x) for x in plan_args] + in_specs,
@@ -213,7 +201,7 @@ def _call(kernel, st: _Static, grid, plan, in_specs, args, out_specs, out_shape,
   )(*plan_args, *args)
 
 
-def _prepared(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+def _prepared(st: pc.KernelStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg):
   """Padded q (pre-scaled), k, v, tokens and the padded sizes."""
   tq, tk = q.shape[1], k.shape[1]
   tq_p, tk_p = pc.round_up(tq, st.bq), pc.round_up(tk, st.bk)
@@ -235,7 +223,7 @@ def _token_args(tokens, first_spec, second_spec):
   return args, specs
 
 
-def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
+def _forward(st: pc.KernelStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
   del cols
   b, tq, hq, _ = q.shape
   dv = v.shape[3]
@@ -263,7 +251,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, co
   return out[:, :tq, :, :dv], lse[:, :, :tq]
 
 
-def _backward(st: _Static, res, cotangents):
+def _backward(st: pc.KernelStatic, res, cotangents):
   q0, k0, v0, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols, out, lse = res
   d_out, d_lse = cotangents
   b, tq, hq, d = q0.shape
@@ -317,46 +305,7 @@ def _backward(st: _Static, res, cotangents):
 # ------------------------------------------------------------------------------------ wiring
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
-  return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols)
-
-
-def _attention_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
-  out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols)
-  return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
-
-
-def unsupported_reason(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, block_sizes: BlockSizes | None,
-                       tq: int, tk: int, groups: int, interpret) -> str | None:
-  """Why pallas_gpu cannot run these arguments, or None."""
-  bq, bk = kernel_block_sizes(block_sizes or default_block_sizes(groups), mask, tq, tk)
-  if not interpret:
-    error = hardware_block_error(bq, bk)
-    if error:
-      return error
-  return pc.unsupported_layout_reason(mask, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-
-
-def attention_pallas_gpu(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
-                         kv_segment_ids, sinks, scale: float, logits_soft_cap,
-                         block_sizes: BlockSizes | None, interpret=None):
-  """Arguments validated by `api.attention`; ``interpret`` None means "on CPU"."""
-  interpret = pc.interpret_mode("pallas_gpu", interpret)
-  tq, hq, tk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-  groups = hq // hkv
-  reason = unsupported_reason(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                              block_sizes, tq, tk, groups, interpret)
-  if reason:
-    raise ValueError(f"attention: implementation='pallas_gpu' cannot run this call: {reason}")
-  bq, bk = kernel_block_sizes(block_sizes or default_block_sizes(groups), mask, tq, tk)
-  rows, cols, _ = pc.plan_visits(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                                 bq, bk)
-  st = _Static(mask=mask, scale=float(scale),
-               cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq, bk=bk,
-               groups=groups, visits=rows.visits, visits_t=cols.visits, interpret=interpret)
-  return _attention(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks,
-                    rows, cols)
+KERNEL = pc.Kernel("pallas_gpu", default_block_sizes, kernel_block_sizes, hardware_block_error,
+                   _forward, _backward)
+attention_pallas_gpu = KERNEL
+unsupported_reason = KERNEL.unsupported_reason

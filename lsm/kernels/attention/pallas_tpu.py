@@ -12,10 +12,8 @@ every matmul is a plain or right-transposed product and the row statistics arriv
 
 from __future__ import annotations
 
-import dataclasses
 import functools
 
-import jax
 import jax.numpy as jnp
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
@@ -26,19 +24,6 @@ from lsm.kernels.attention.mask import Mask
 
 LANES = 128
 SUBLANES = 16  # bf16 packs two rows per sublane
-
-
-@dataclasses.dataclass(frozen=True)
-class _Static:
-  mask: Mask
-  scale: float
-  cap: float | None
-  bq: int
-  bk: int
-  groups: int
-  visits: int  # grid steps per query block (forward, dq)
-  visits_t: int  # grid steps per key block (dk/dv)
-  interpret: object
 
 
 def default_block_sizes(groups: int) -> BlockSizes:
@@ -63,6 +48,12 @@ def hardware_block_error(bq: int, bk: int) -> str | None:
 # ------------------------------------------------------------------------------------ kernels
 
 
+def _visit(code, step):
+  """``step(masked)`` for an active visit: without the element mask on wholly visible blocks."""
+  pl.when(code == pc.ACTIVE | pc.FULL | pc.LAYOUT_ON)(lambda: step(False))
+  pl.when(((code & pc.ACTIVE) != 0) & ((code & pc.FULL) == 0))(lambda: step(True))
+
+
 def _tokens(refs, has_seg):
   """Loaded (q_pos, kv_pos, q_seg, kv_seg) from their refs (segments may be absent)."""
   if has_seg:
@@ -70,7 +61,7 @@ def _tokens(refs, has_seg):
   return refs[0][...], refs[1][...], None, None
 
 
-def _forward_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool, has_sinks: bool):
+def _forward_kernel(index_ref, code_ref, *refs, st: pc.KernelStatic, has_seg: bool, has_sinks: bool):
   q_ref, k_ref, v_ref = refs[:3]
   n_tok = 4 if has_seg else 2
   tok_refs = refs[3:3 + n_tok]
@@ -100,8 +91,7 @@ def _forward_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool, has_
     m_sc[...] = m_new
     l_sc[...] = l_new
 
-  pl.when(code == pc.ACTIVE | pc.FULL | pc.LAYOUT_ON)(lambda: step(False))
-  pl.when(((code & pc.ACTIVE) != 0) & ((code & pc.FULL) == 0))(lambda: step(True))
+  _visit(code, step)
 
   @pl.when(n == st.visits - 1)
   def _finish():
@@ -113,7 +103,7 @@ def _forward_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool, has_
     lse_ref[...] = lse.reshape(lse_ref.shape)
 
 
-def _dq_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool):
+def _dq_kernel(index_ref, code_ref, *refs, st: pc.KernelStatic, has_seg: bool):
   q_ref, k_ref, v_ref, do_ref, lse_ref, row_ref = refs[:6]
   n_tok = 4 if has_seg else 2
   tok_refs = refs[6:6 + n_tok]
@@ -141,15 +131,14 @@ def _dq_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool):
     ds = pc.score_grad(p, dp, row_ref[...].reshape(rows, 1), tanh)
     dq_sc[...] += pc.dot(ds.astype(k.dtype), k, pc.NN_DIMS)
 
-  pl.when(code == pc.ACTIVE | pc.FULL | pc.LAYOUT_ON)(lambda: step(False))
-  pl.when(((code & pc.ACTIVE) != 0) & ((code & pc.FULL) == 0))(lambda: step(True))
+  _visit(code, step)
 
   @pl.when(n == st.visits - 1)
   def _finish():
     dq_ref[...] = (dq_sc[...] * st.scale).reshape(dq_ref.shape).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool):
+def _dkv_kernel(index_ref, code_ref, *refs, st: pc.KernelStatic, has_seg: bool):
   k_ref, v_ref, q_ref, do_ref, lse_ref, row_ref = refs[:6]
   n_tok = 4 if has_seg else 2
   tok_refs = refs[6:6 + n_tok]
@@ -182,8 +171,7 @@ def _dkv_kernel(index_ref, code_ref, *refs, st: _Static, has_seg: bool):
     dk_sc[...] = dk
     dv_sc[...] = dv
 
-  pl.when(code == pc.ACTIVE | pc.FULL | pc.LAYOUT_ON)(lambda: step(False))
-  pl.when(((code & pc.ACTIVE) != 0) & ((code & pc.FULL) == 0))(lambda: step(True))
+  _visit(code, step)
 
   @pl.when(n == st.visits_t - 1)
   def _finish():
@@ -226,7 +214,7 @@ def _compiler_params():
       dimension_semantics=("parallel", "parallel", "parallel", "arbitrary"))
 
 
-def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, scratch, plan, args,
+def _call(kernel, st: pc.KernelStatic, grid, in_specs, out_specs, out_shape, scratch, plan, args,
           name: str):
   return pl.pallas_call(
       kernel,
@@ -243,19 +231,26 @@ def _call(kernel, st: _Static, grid, in_specs, out_specs, out_shape, scratch, pl
 # ------------------------------------------------------------------------------------ calls
 
 
-def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
-  del cols
-  b, tq, hq, d = q.shape
-  tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
-  g, bq, bk = st.groups, st.bq, st.bk
-  tq_p, tk_p = pc.round_up(tq, bq), pc.round_up(tk, bk)
+def _prepared(st: pc.KernelStatic, q, k, v, tokens):
+  """Pre-scaled q [B, Hkv, G, Tq_p, D_p], k/v [B, Hkv, Tk_p, D_p], padded tokens, sizes."""
+  tq, hkv, d, dv = q.shape[1], k.shape[2], q.shape[3], v.shape[3]
+  tq_p, tk_p = pc.round_up(tq, st.bq), pc.round_up(k.shape[1], st.bk)
   d_p, dv_p = pc.round_up(d, LANES), pc.round_up(dv, LANES)
-  q_pos, kv_pos, q_seg, kv_seg = pc.padded_tokens(q_pos, kv_pos, q_seg, kv_seg, tq_p, tk_p)
-  has_seg, has_sinks = q_seg is not None, sinks is not None
   qs = (q.astype(jnp.float32) * st.scale).astype(q.dtype)
-  q5 = _heads_major(qs, hkv, tq_p, d_p)
-  k4 = _heads_major(k, hkv, tk_p, d_p)[:, :, 0]
-  v4 = _heads_major(v, hkv, tk_p, dv_p)[:, :, 0]
+  return (_heads_major(qs, hkv, tq_p, d_p), _heads_major(k, hkv, tk_p, d_p)[:, :, 0],
+          _heads_major(v, hkv, tk_p, dv_p)[:, :, 0], pc.padded_tokens(*tokens, tq_p, tk_p),
+          (tq_p, tk_p, d_p, dv_p))
+
+
+def _forward(st: pc.KernelStatic, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
+  del cols
+  b, tq, hq, _ = q.shape
+  hkv, dv = k.shape[2], v.shape[3]
+  g, bq, bk = st.groups, st.bq, st.bk
+  q5, k4, v4, tokens, (tq_p, _, d_p, dv_p) = _prepared(st, q, k, v,
+                                                       (q_pos, kv_pos, q_seg, kv_seg))
+  q_pos, kv_pos, q_seg, kv_seg = tokens
+  has_seg, has_sinks = q_seg is not None, sinks is not None
   visits = st.visits
 
   def kv_block(b_, h, i, n, index_ref, code_ref):
@@ -291,22 +286,18 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, co
   return out, lse
 
 
-def _backward(st: _Static, res, cotangents):
+def _backward(st: pc.KernelStatic, res, cotangents):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols, out, lse = res
   d_out, d_lse = cotangents
-  b, tq, hq, d = q.shape
+  b, tq, _, d = q.shape
   tk, hkv, dv = k.shape[1], k.shape[2], v.shape[3]
   g, bq, bk = st.groups, st.bq, st.bk
-  tq_p, tk_p = pc.round_up(tq, bq), pc.round_up(tk, bk)
-  d_p, dv_p = pc.round_up(d, LANES), pc.round_up(dv, LANES)
-  q_pos, kv_pos, q_seg, kv_seg = pc.padded_tokens(q_pos, kv_pos, q_seg, kv_seg, tq_p, tk_p)
+  q5, k4, v4, tokens, (tq_p, tk_p, d_p, dv_p) = _prepared(st, q, k, v,
+                                                          (q_pos, kv_pos, q_seg, kv_seg))
+  q_pos, kv_pos, q_seg, kv_seg = tokens
   has_seg = q_seg is not None
   row_term, lse_safe = pc.backward_rows(out, d_out, lse, d_lse)
-  qs = (q.astype(jnp.float32) * st.scale).astype(q.dtype)
-  q5 = _heads_major(qs, hkv, tq_p, d_p)
   do5 = _heads_major(d_out.astype(q.dtype), hkv, tq_p, dv_p)
-  k4 = _heads_major(k, hkv, tk_p, d_p)[:, :, 0]
-  v4 = _heads_major(v, hkv, tk_p, dv_p)[:, :, 0]
 
   # dq: the forward's grid and visit lists.
   visits = st.visits
@@ -376,46 +367,7 @@ def _backward(st: _Static, res, cotangents):
 # ------------------------------------------------------------------------------------ wiring
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(0,))
-def _attention(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
-  return _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols)
-
-
-def _attention_fwd(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols):
-  out, lse = _forward(st, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols)
-  return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, rows, cols, out, lse)
-
-
-_attention.defvjp(_attention_fwd, _backward)
-
-
-def unsupported_reason(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, block_sizes: BlockSizes | None,
-                       tq: int, tk: int, groups: int, interpret) -> str | None:
-  """Why pallas_tpu cannot run these arguments, or None."""
-  bq, bk = kernel_block_sizes(block_sizes or default_block_sizes(groups), mask, tq, tk)
-  if not interpret:
-    error = hardware_block_error(bq, bk)
-    if error:
-      return error
-  return pc.unsupported_layout_reason(mask, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
-
-
-def attention_pallas_tpu(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
-                         kv_segment_ids, sinks, scale: float, logits_soft_cap,
-                         block_sizes: BlockSizes | None, interpret=None):
-  """Arguments validated by `api.attention`; ``interpret`` None means "on CPU"."""
-  interpret = pc.interpret_mode("pallas_tpu", interpret)
-  tq, hq, tk, hkv = q.shape[1], q.shape[2], k.shape[1], k.shape[2]
-  groups = hq // hkv
-  reason = unsupported_reason(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                              block_sizes, tq, tk, groups, interpret)
-  if reason:
-    raise ValueError(f"attention: implementation='pallas_tpu' cannot run this call: {reason}")
-  bq, bk = kernel_block_sizes(block_sizes or default_block_sizes(groups), mask, tq, tk)
-  rows, cols, _ = pc.plan_visits(mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
-                                 bq, bk)
-  st = _Static(mask=mask, scale=float(scale),
-               cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq, bk=bk,
-               groups=groups, visits=rows.visits, visits_t=cols.visits, interpret=interpret)
-  return _attention(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks,
-                    rows, cols)
+KERNEL = pc.Kernel("pallas_tpu", default_block_sizes, kernel_block_sizes, hardware_block_error,
+                   _forward, _backward)
+attention_pallas_tpu = KERNEL
+unsupported_reason = KERNEL.unsupported_reason

@@ -46,12 +46,12 @@ def test_interpret_mode_poisons_unwritten_outputs():
 
 def _tpu_interpreted(inputs, dtype, mask, *, tokens=None, grid_points=None, blocks=(16, 128)):
   """pallas_tpu under the TPU interpreter (NaN-filled uninitialised memory), with gradients."""
-  recorder = None
-  if grid_points is not None:
-    def recorder(token, point, core):
-      grid_points.append(tuple(int(x) for x in point))
-      return token
-  params = pltpu.InterpretParams(uninitialized_memory="nan", grid_point_recorder=recorder)
+  def record(token, point, core):
+    grid_points.append(tuple(int(x) for x in point))
+    return token
+
+  params = pltpu.InterpretParams(uninitialized_memory="nan",
+                                 grid_point_recorder=None if grid_points is None else record)
   q, k, v, sinks, w_out, w_lse = inputs.arrays(dtype)
   b, tq, tk = q.shape[0], q.shape[1], k.shape[1]
   q_pos, kv_pos, q_seg, kv_seg = tokens or (None,) * 4
