@@ -1,0 +1,176 @@
+"""Causal self-attention mixer: GQA, RoPE, sliding window with sink tokens, dense or ring cache.
+
+Follows the mixer contract of DESIGN.md::
+
+    y = mixer(x[B,T,D], *, positions, segment_ids)
+    cache = mixer.init_cache(batch_size, max_length, dtype)
+    y, cache = mixer(x[B,t,D], *, positions, segment_ids, cache=cache)
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
+from lsm.layers import checks
+from lsm.layers.kv_cache import DenseKVCache, RingKVCache
+from lsm.layers.norms import RMSNorm
+from lsm.layers.params import logical_param
+from lsm.layers.rope import RopeScaling, apply_rope
+
+KVCache = DenseKVCache | RingKVCache
+
+
+class Attention(nnx.Module):
+  """Multi-head causal self-attention with ``num_kv_heads`` key/value heads (GQA/MQA).
+
+  Args:
+    d_model: width of x.
+    num_heads, num_kv_heads: query and key/value heads; ``num_heads % num_kv_heads == 0``.
+    head_dim: per-head width (default ``d_model // num_heads``); even, for RoPE.
+    window: a query at position p sees keys at positions ``p - window .. p`` (None: all of
+      ``0 .. p``). With a window, `init_cache` makes a ring buffer of O(window) memory.
+    sink_tokens: with a window, positions ``< sink_tokens`` stay visible to every later query.
+    rope_base, rope_scaling: the rotary embedding of q and k (`apply_rope`).
+    logits_soft_cap: scores become ``cap * tanh(s / cap)``.
+    implementation: passed to the attention op (None: its default for the backend).
+    qk_norm: RMSNorm over head_dim of q and k before RoPE.
+    dtype: compute dtype; param_dtype: parameter dtype.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
+               *, window: int | None = None, sink_tokens: int | None = None,
+               rope_base: float = 10000.0, rope_scaling: RopeScaling = RopeScaling(),
+               logits_soft_cap: float | None = None, implementation: str | None = None,
+               qk_norm: bool = False, rngs: nnx.Rngs, dtype=jnp.float32,
+               param_dtype=jnp.float32):
+    self.d_model = checks.positive_int("Attention", "d_model", d_model)
+    self.num_heads = checks.positive_int("Attention", "num_heads", num_heads)
+    self.num_kv_heads = checks.positive_int("Attention", "num_kv_heads", num_kv_heads)
+    if num_heads % num_kv_heads:
+      raise ValueError(f"Attention: num_heads must be a multiple of num_kv_heads, got "
+                       f"num_heads={num_heads} and num_kv_heads={num_kv_heads}")
+    if head_dim is None:
+      if d_model % num_heads:
+        raise ValueError(f"Attention: d_model={d_model} is not a multiple of num_heads="
+                         f"{num_heads}; give head_dim")
+      head_dim = d_model // num_heads
+    self.head_dim = checks.positive_int("Attention", "head_dim", head_dim)
+    if head_dim % 2:
+      raise ValueError(f"Attention: head_dim must be even (RoPE rotates pairs), got {head_dim}")
+    self.window = checks.positive_int("Attention", "window", window, allow_none=True)
+    if sink_tokens is not None:
+      if window is None:
+        raise ValueError(f"Attention: sink_tokens={sink_tokens!r} needs a window (without one "
+                         f"every earlier token is visible already)")
+      if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, (int, np.integer)) or (
+          sink_tokens < 0):
+        raise ValueError(f"Attention: sink_tokens must be a non-negative int or None, got "
+                         f"{sink_tokens!r}")
+    self.sink_tokens = int(sink_tokens or 0)
+    self.rope_base = checks.positive_float("Attention", "rope_base", rope_base)
+    if not isinstance(rope_scaling, RopeScaling):
+      raise TypeError(f"Attention: rope_scaling must be a RopeScaling, got "
+                      f"{type(rope_scaling).__name__}")
+    self.rope_scaling = rope_scaling
+    self.logits_soft_cap = checks.positive_float("Attention", "logits_soft_cap", logits_soft_cap,
+                                                 allow_none=True)
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+      raise ValueError(f"Attention: implementation must be one of {IMPLEMENTATIONS} or None, "
+                       f"got {implementation!r}")
+    self.implementation = implementation
+    self.dtype = checks.float_dtype("Attention", "dtype", dtype)
+    param_dtype = checks.float_dtype("Attention", "param_dtype", param_dtype)
+    self.mask = Mask(causal=True, window=None if window is None else (self.window, 0),
+                     sink_tokens=self.sink_tokens or None)
+
+    h, g, k = num_heads, num_kv_heads, head_dim
+    project_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                   in_axis=0, out_axis=(1, 2))
+    project_out = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
+                                                    in_axis=(0, 1), out_axis=2)
+    self.query = logical_param(project_in, rngs.params(), (d_model, h, k),
+                               ("embed", "heads", "head_dim"), param_dtype)
+    self.key = logical_param(project_in, rngs.params(), (d_model, g, k),
+                             ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.value = logical_param(project_in, rngs.params(), (d_model, g, k),
+                               ("embed", "kv_heads", "head_dim"), param_dtype)
+    self.out = logical_param(project_out, rngs.params(), (h, k, d_model),
+                             ("heads", "head_dim", "embed"), param_dtype)
+    if qk_norm:
+      self.query_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
+      self.key_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
+    else:
+      self.query_norm = self.key_norm = None
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+    """An empty cache: a ring buffer of ``sink_tokens + window`` slots when the layer has a
+    window (``max_length`` then bounds nothing), else a dense cache of ``max_length`` slots.
+    ``dtype`` defaults to the compute dtype."""
+    dtype = self.dtype if dtype is None else dtype
+    max_length = checks.positive_int("Attention.init_cache", "max_length", max_length)
+    if self.window is None:
+      return DenseKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+    return RingKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
+                              window=self.window, sink_tokens=self.sink_tokens)
+
+  def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """x [B, T, D] -> y [B, T, D] in ``dtype`` (and the updated cache when one is given).
+
+    positions: [B, T] or [T] integers, to RoPE and the mask (default ``arange(T)``; required with
+      a cache). segment_ids: [B, T] or [T] integers; tokens only see their own segment (packed
+      documents). With a cache, None means segment 0 for every token.
+    cache: from `init_cache`; x then holds the next t >= 1 tokens (a prefill chunk or one
+      decoding step), and the call returns ``(y, cache)``.
+    """
+    checks.float_array("Attention", "x", x_BTD, rank=3, last_dim=self.d_model)
+    b, t, _ = x_BTD.shape
+    positions = checks.token_array("Attention", "positions", positions, b, t)
+    segment_ids = checks.token_array("Attention", "segment_ids", segment_ids, b, t)
+    if cache is not None:
+      self._check_cache(cache, b)
+      if positions is None:
+        raise ValueError("Attention: positions are required with a cache (the positions of the "
+                         "t new tokens), got None")
+      if segment_ids is None:
+        segment_ids = np.zeros((b, t), np.int32)
+
+    rope_positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
+    x_BTD = x_BTD.astype(self.dtype)
+    q_BTHK, k_BTGK, v_BTGK = (
+        jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(self.dtype))
+        for w in (self.query, self.key, self.value))
+    if self.query_norm is not None:
+      q_BTHK, k_BTGK = self.query_norm(q_BTHK), self.key_norm(k_BTGK)
+    q_BTHK, k_BTGK = (apply_rope(z, rope_positions, base=self.rope_base,
+                                 scaling=self.rope_scaling) for z in (q_BTHK, k_BTGK))
+
+    if cache is None:
+      kv_positions, kv_segment_ids = positions, segment_ids
+    else:
+      (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
+          k_BTGK, v_BTGK, positions, segment_ids)
+      k_BTGK, v_BTGK = k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype)
+    out_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, mask=self.mask, q_positions=positions,
+                         kv_positions=kv_positions, q_segment_ids=segment_ids,
+                         kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
+                         implementation=self.implementation)
+    y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
+    return y_BTD if cache is None else (y_BTD, cache)
+
+  def _check_cache(self, cache, batch_size: int):
+    if not isinstance(cache, (DenseKVCache, RingKVCache)):
+      raise TypeError(f"Attention: cache must be a DenseKVCache or RingKVCache (from "
+                      f"init_cache), got {type(cache).__name__}")
+    expected = (batch_size, self.num_kv_heads, self.head_dim)
+    got = (cache.keys.shape[0], *cache.keys.shape[2:])
+    if got != expected:
+      raise ValueError(f"Attention: cache must have (batch, kv heads, head dim) = {expected} to "
+                       f"match x and the layer, got {got}")
+    if isinstance(cache, RingKVCache) and (cache.window, cache.sink_tokens) != (
+        self.window, self.sink_tokens):
+      raise ValueError(f"Attention: a RingKVCache must have the layer's window={self.window} and "
+                       f"sink_tokens={self.sink_tokens}, got window={cache.window} and "
+                       f"sink_tokens={cache.sink_tokens}")
