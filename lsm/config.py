@@ -1,0 +1,264 @@
+"""The typed config schema of lsm's loops, and its YAML / command-line loading.
+
+One `Config` with sections model, data, optimizer, train, checkpoint, parallel, decode and eval.
+Experiment files are YAML under ``configs/``; any field can be overridden with a dotted
+``key=value`` (the value is read as YAML: ``train.steps=200``, ``model.layer_pattern=[attention]``).
+An unknown key, a wrong type or an impossible combination raises `ConfigError` naming the key.
+Schema and validation are pydantic models (``extra="forbid"``), so every field is typed once here.
+"""
+
+from __future__ import annotations
+
+import pathlib
+from typing import Any, Literal
+
+import pydantic
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+Positive = Field(gt=0)
+
+
+class ConfigError(ValueError):
+  """A config that cannot run; the message names the key."""
+
+
+class _Section(BaseModel):
+  model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class RopeConfig(_Section):
+  base: float = Field(10000.0, gt=0)
+  scaling: Literal["none", "linear", "ntk", "yarn"] = "none"
+  factor: float = Field(1.0, ge=1.0)
+  original_length: int | None = Field(None, gt=0)
+
+
+class AttentionConfig(_Section):
+  window: int | None = Field(None, ge=0)
+  sink_tokens: int | None = Field(None, ge=0)
+  logits_soft_cap: float | None = Field(None, gt=0)
+  implementation: Literal["reference", "xla", "pallas_tpu", "pallas_gpu"] | None = None
+  qk_norm: bool = False
+
+
+class ModelConfig(_Section):
+  vocab_size: int | None = Field(None, gt=0)  # None: the data's vocabulary
+  d_model: int = Field(256, gt=0)
+  num_layers: int = Field(4, gt=0)
+  layer_pattern: list[str] = Field(default_factory=lambda: ["attention"], min_length=1)
+  num_heads: int = Field(4, gt=0)
+  num_kv_heads: int = Field(4, gt=0)
+  head_dim: int | None = Field(None, gt=0)  # None: d_model // num_heads
+  mlp_dim: int | None = Field(None, gt=0)  # None: 4 * d_model
+  tie_embeddings: bool = True
+  norm_eps: float = Field(1e-6, gt=0)
+  rope: RopeConfig = RopeConfig()
+  attention: AttentionConfig = AttentionConfig()
+  dtype: Literal["float32", "bfloat16"] = "float32"  # compute
+  param_dtype: Literal["float32", "bfloat16"] = "float32"
+  remat: Literal["none", "full", "dots"] = "none"  # what the layer scan saves for backward
+
+  @model_validator(mode="after")
+  def _shapes(self):
+    if self.num_heads % self.num_kv_heads:
+      raise ValueError(f"model.num_heads={self.num_heads} must be a multiple of "
+                       f"model.num_kv_heads={self.num_kv_heads}")
+    if self.head_dim is None and self.d_model % self.num_heads:
+      raise ValueError(f"model.d_model={self.d_model} must be a multiple of "
+                       f"model.num_heads={self.num_heads} (or set model.head_dim)")
+    if self.num_layers % len(self.layer_pattern):
+      raise ValueError(f"model.num_layers={self.num_layers} must be a multiple of the length "
+                       f"of model.layer_pattern={self.layer_pattern}")
+    return self
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.d_model // self.num_heads
+
+  @property
+  def resolved_mlp_dim(self) -> int:
+    return self.mlp_dim or 4 * self.d_model
+
+
+class DataConfig(_Section):
+  task: Literal["passkey", "mqar", "kv_needle", "selective_copy", "text"] = "passkey"
+  seq_len: int = Field(256, gt=1)
+  batch_size: int = Field(16, gt=0)  # global, per optimizer update (before accumulation split)
+  task_options: dict[str, int | float] = Field(default_factory=dict)
+  files: list[str] = Field(default_factory=list)  # text: paths or globs of .txt / .jsonl
+  jsonl_field: str = "text"
+  tokenizer: Literal["byte", "sentencepiece", "tokenizers"] = "byte"
+  tokenizer_path: str | None = None
+  seed: int = 0
+
+  @model_validator(mode="after")
+  def _text(self):
+    if self.task == "text" and not self.files:
+      raise ValueError("data.files must list text files or globs when data.task is 'text'")
+    if self.tokenizer != "byte" and self.tokenizer_path is None:
+      raise ValueError(f"data.tokenizer_path is needed for data.tokenizer={self.tokenizer!r}")
+    return self
+
+
+class OptimizerConfig(_Section):
+  learning_rate: float = Field(1e-3, gt=0)
+  warmup_steps: int = Field(100, ge=0)
+  schedule: Literal["cosine", "constant"] = "cosine"
+  min_lr_ratio: float = Field(0.1, ge=0, le=1)
+  weight_decay: float = Field(0.1, ge=0)
+  b1: float = Field(0.9, ge=0, lt=1)
+  b2: float = Field(0.95, ge=0, lt=1)
+  eps: float = Field(1e-8, gt=0)
+  grad_clip: float | None = Field(1.0, gt=0)
+
+
+class TrainConfig(_Section):
+  steps: int = Field(1000, gt=0)  # optimizer updates
+  grad_accum: int = Field(1, gt=0)  # micro-batches per update
+  log_every: int = Field(10, gt=0)
+  eval_every: int = Field(0, ge=0)  # 0: only at the end
+  eval_batches: int = Field(4, gt=0)
+  seed: int = 0
+  max_nonfinite: int = Field(5, gt=0)  # consecutive skipped updates that stop the run
+  output_dir: str = "runs/{name}"
+  profile_steps: list[int] | None = None  # [start, stop): a profiler trace window
+
+
+class CheckpointConfig(_Section):
+  enabled: bool = True
+  every: int = Field(100, gt=0)
+  keep: int = Field(3, gt=0)
+  async_save: bool = True
+
+
+class ParallelConfig(_Section):
+  """Mesh axis sizes; ``data=-1`` takes the devices the other axes leave."""
+
+  data: int = Field(-1, ge=-1)
+  fsdp: int = Field(1, gt=0)
+  sequence: int = Field(1, gt=0)
+  tensor: int = Field(1, gt=0)
+
+  @model_validator(mode="after")
+  def _data(self):
+    if self.data == 0:
+      raise ValueError("parallel.data must be positive or -1 (the remaining devices)")
+    return self
+
+  def shape(self, device_count: int) -> dict[str, int]:
+    """Axis sizes on ``device_count`` devices, or ConfigError naming the axes."""
+    others = self.fsdp * self.sequence * self.tensor
+    data = self.data if self.data > 0 else device_count // others
+    if data < 1 or data * others != device_count:
+      raise ConfigError(f"parallel: data={self.data}, fsdp={self.fsdp}, "
+                        f"sequence={self.sequence}, tensor={self.tensor} do not multiply to the "
+                        f"{device_count} devices available")
+    return {"data": data, "fsdp": self.fsdp, "sequence": self.sequence, "tensor": self.tensor}
+
+
+class DecodeConfig(_Section):
+  max_new_tokens: int = Field(64, gt=0)
+  temperature: float = Field(0.0, ge=0)  # 0: greedy
+  top_k: int | None = Field(None, gt=0)
+  top_p: float | None = Field(None, gt=0, le=1)
+  stop_tokens: list[int] = Field(default_factory=list)
+  prefill_chunk: int = Field(512, gt=0)
+  max_length: int | None = Field(None, gt=0)  # cache length; None: prompt + new tokens
+
+
+class EvalConfig(_Section):
+  """Long-context evaluation: the task at multiples of the training length."""
+
+  length_multipliers: list[float] = Field(default_factory=lambda: [1.0, 2.0, 4.0])
+  examples: int = Field(128, gt=0)
+  batch_size: int = Field(16, gt=0)
+  rope_scaling: Literal["none", "linear", "ntk", "yarn"] = "yarn"  # for longer than training
+
+
+class Config(_Section):
+  name: str = "run"
+  model: ModelConfig = ModelConfig()
+  data: DataConfig = DataConfig()
+  optimizer: OptimizerConfig = OptimizerConfig()
+  train: TrainConfig = TrainConfig()
+  checkpoint: CheckpointConfig = CheckpointConfig()
+  parallel: ParallelConfig = ParallelConfig()
+  decode: DecodeConfig = DecodeConfig()
+  eval: EvalConfig = EvalConfig()
+
+  @model_validator(mode="after")
+  def _across_sections(self):
+    if self.data.seq_len % self.parallel.sequence:
+      raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by "
+                       f"parallel.sequence={self.parallel.sequence}")
+    if self.data.batch_size % self.train.grad_accum:
+      raise ValueError(f"data.batch_size={self.data.batch_size} must be divisible by "
+                       f"train.grad_accum={self.train.grad_accum}")
+    return self
+
+  @property
+  def output_dir(self) -> pathlib.Path:
+    return pathlib.Path(self.train.output_dir.format(name=self.name))
+
+
+# ------------------------------------------------------------------------------------ loading
+
+
+def _set_dotted(tree: dict, key: str, value: Any) -> None:
+  parts = key.split(".")
+  node = tree
+  for depth, part in enumerate(parts[:-1]):
+    child = node.setdefault(part, {})
+    if not isinstance(child, dict):
+      raise ConfigError(f"override {key!r}: {'.'.join(parts[:depth + 1])!r} is not a section")
+    node = child
+  node[parts[-1]] = value
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+  """``key=value`` strings onto a nested dict; values are parsed as YAML scalars/lists."""
+  tree = yaml.safe_load(yaml.safe_dump(tree))  # a deep copy
+  for item in overrides:
+    key, sep, raw = item.partition("=")
+    if not sep or not key or any(not p for p in key.split(".")):
+      raise ConfigError(f"override {item!r} must look like section.key=value")
+    _set_dotted(tree, key.strip(), yaml.safe_load(raw))
+  return tree
+
+
+def _key(location) -> str:
+  return ".".join(str(p) for p in location) or "(top level)"
+
+
+def from_dict(tree: dict) -> Config:
+  """A validated `Config`; errors name the offending key."""
+  try:
+    return Config.model_validate(tree)
+  except pydantic.ValidationError as error:
+    lines = []
+    for e in error.errors():
+      if e["type"] == "value_error":  # a check across fields: its message names the keys
+        lines.append(e["msg"].removeprefix("Value error, "))
+      elif e["type"] == "extra_forbidden":
+        lines.append(f"config key '{_key(e['loc'])}': unknown key")
+      else:
+        lines.append(f"config key '{_key(e['loc'])}': {e['msg']} (given: {e.get('input')!r})")
+    raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
+
+
+def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
+  """The config in YAML file ``path`` (None: defaults) with ``overrides`` applied."""
+  tree = {}
+  if path is not None:
+    path = pathlib.Path(path)
+    if not path.is_file():
+      raise ConfigError(f"--config {str(path)!r}: no such file")
+    tree = yaml.safe_load(path.read_text()) or {}
+    if not isinstance(tree, dict):
+      raise ConfigError(f"--config {str(path)!r}: the file must hold a mapping of sections")
+  return from_dict(apply_overrides(tree, list(overrides)))
+
+
+def to_yaml(config: Config) -> str:
+  return yaml.safe_dump(config.model_dump(), sort_keys=False)

@@ -1,0 +1,131 @@
+"""Batched generation from an `LM`: chunked prefill into the mixers' caches, then a jitted decode
+step with a donated cache.
+
+Prompts of different lengths: the common prefix (the shortest prompt) is prefilled in chunks for
+the whole batch, then each step feeds every row its next prompt token while it has one and its
+sampled token after, so any cache kind (dense, ring buffer, recurrent state) sees exactly the
+tokens of its own row in order.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsm.decode.sampling import check_sampling, sample
+
+
+@dataclasses.dataclass
+class Generation:
+  tokens: list[list[int]]  # the new tokens per prompt (stop token included when hit)
+  prefill_s: float
+  decode_s: float
+  decode_steps: int
+  batch_size: int
+
+  @property
+  def tokens_per_s(self) -> float:
+    return self.batch_size * self.decode_steps / max(self.decode_s, 1e-9)
+
+
+def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
+  if not isinstance(prompts, (list, tuple)) or not prompts:
+    raise ValueError("generate: prompts must be a non-empty list of token lists")
+  out = []
+  for i, p in enumerate(prompts):
+    p = np.asarray(p)
+    if p.ndim != 1 or p.size == 0 or not np.issubdtype(p.dtype, np.integer):
+      raise ValueError(f"generate: prompts[{i}] must be a non-empty 1-D list of ints, got "
+                       f"shape {p.shape} dtype {p.dtype}")
+    if p.min() < 0 or p.max() >= vocab_size:
+      raise ValueError(f"generate: prompts[{i}] has token ids outside [0, {vocab_size})")
+    out.append(p.astype(np.int32))
+  return out
+
+
+def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0,
+             top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
+             prefill_chunk: int = 512, max_length: int | None = None, seed: int = 0,
+             cache_dtype=jnp.float32) -> Generation:
+  """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token)."""
+  prompts = _check_prompts(prompts, model.vocab_size)
+  if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
+      max_new_tokens < 1):
+    raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
+  check_sampling(temperature, top_k, top_p)
+  b = len(prompts)
+  lengths = np.array([p.size for p in prompts])
+  common = int(lengths.min())
+  steps = int(lengths.max()) - common + max_new_tokens
+  needed = common + steps
+  max_length = max_length or needed
+  if max_length < needed:
+    raise ValueError(f"generate: max_length={max_length} is shorter than the longest prompt plus "
+                     f"max_new_tokens ({needed})")
+  graphdef, params = nnx.split(model)
+
+  @jax.jit
+  def prefill(params, tokens, positions, cache):
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.decode(tokens, positions=positions, cache=cache)
+    return logits[:, -1], cache
+
+  @jax.jit
+  def prefill_start(params):
+    return nnx.merge(graphdef, params).init_cache(b, max_length, cache_dtype)
+
+  started = time.perf_counter()
+  cache = prefill_start(params)
+  tokens = np.stack([p[:common] for p in prompts])
+  logits = None
+  for start in range(0, common, prefill_chunk):
+    chunk = tokens[:, start:start + prefill_chunk]
+    positions = np.broadcast_to(np.arange(start, start + chunk.shape[1], dtype=np.int32),
+                                chunk.shape)
+    logits, cache = prefill(params, jnp.asarray(chunk), jnp.asarray(positions), cache)
+  jax.block_until_ready(logits)
+  prefill_s = time.perf_counter() - started
+
+  forced = np.zeros((b, steps), np.int32)
+  has_forced = np.zeros((b, steps), bool)
+  for i, p in enumerate(prompts):
+    rest = p[common:]
+    forced[i, :rest.size] = rest
+    has_forced[i, :rest.size] = True
+
+  @jax.jit
+  def pick(logits, key, forced, has_forced):
+    return jnp.where(has_forced, forced, sample(logits, key, temperature=temperature,
+                                                top_k=top_k, top_p=top_p))
+
+  def decode_one(params, token, position, cache):
+    model = nnx.merge(graphdef, params)
+    logits, cache = model.decode(token[:, None], positions=position[:, None], cache=cache)
+    return logits[:, 0], cache
+
+  step = jax.jit(decode_one, donate_argnums=3)
+  key = jax.random.key(seed)
+  out = [[] for _ in range(b)]
+  done = np.zeros(b, bool)
+  stop = set(int(t) for t in stop_tokens)
+  started = time.perf_counter()
+  n = 0
+  for n in range(steps):
+    key, sub = jax.random.split(key)
+    token = np.asarray(pick(logits, sub, forced[:, n], has_forced[:, n]))
+    for i in range(b):
+      if not has_forced[i, n] and not done[i]:
+        out[i].append(int(token[i]))
+        done[i] = int(token[i]) in stop or len(out[i]) >= max_new_tokens
+    if done.all() or n == steps - 1:
+      break
+    logits, cache = step(params, jnp.asarray(token), jnp.full((b,), common + n, jnp.int32),
+                         cache)
+  jax.block_until_ready(logits)
+  return Generation(tokens=out, prefill_s=prefill_s, decode_s=time.perf_counter() - started,
+                    decode_steps=n + 1, batch_size=b)

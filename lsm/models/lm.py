@@ -1,0 +1,139 @@
+"""`LM`: a decoder language model built from a layer pattern of sequence mixers.
+
+``layer_pattern`` (e.g. ``["attention"]`` or ``["mamba2", "mamba2", "attention"]``) is one
+*block*: for each name, a pre-norm mixer and a pre-norm SwiGLU MLP, each residual. The block is
+repeated ``num_layers / len(layer_pattern)`` times; the repeats are stacked (every parameter gets a
+leading ``layers`` axis) and run with `nnx.scan`, optionally rematerialised. Positions and segment
+ids flow unchanged into every mixer, so packed documents and decoding offsets need nothing else.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from lsm import layers
+from lsm.models.registry import check_layer_pattern, make_mixer
+
+_REMAT = {
+    "full": jax.checkpoint_policies.nothing_saveable,
+    "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+_STACK = {nnx.PARTITION_NAME: "layers"}
+
+
+class Block(nnx.Module):
+  """One pass over the layer pattern."""
+
+  def __init__(self, config, rngs: nnx.Rngs):
+    kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    norm = dict(eps=config.norm_eps, param_dtype=config.param_dtype)
+    pattern = config.layer_pattern
+    self.mixer_norms = nnx.List([layers.RMSNorm(config.d_model, **norm) for _ in pattern])
+    self.mixers = nnx.List([make_mixer(name, config, rngs) for name in pattern])
+    self.mlp_norms = nnx.List([layers.RMSNorm(config.d_model, **norm) for _ in pattern])
+    self.mlps = nnx.List([layers.SwiGLU(config.d_model, config.resolved_mlp_dim, **kw)
+                          for _ in pattern])
+
+  def __call__(self, x, positions, segment_ids, caches=None):
+    new_caches = []
+    for i, mixer in enumerate(self.mixers):
+      h = self.mixer_norms[i](x)
+      if caches is None:
+        y = mixer(h, positions=positions, segment_ids=segment_ids)
+      else:
+        y, cache = mixer(h, positions=positions, segment_ids=segment_ids, cache=caches[i])
+        new_caches.append(cache)
+      x = x + y
+      x = x + self.mlps[i](self.mlp_norms[i](x))
+    return x, (None if caches is None else new_caches)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype):
+    return [mixer.init_cache(batch_size, max_length, dtype) for mixer in self.mixers]
+
+
+class LM(nnx.Module):
+  """Decoder LM: ``logits = lm(tokens[B, T], positions=..., segment_ids=...)`` (float32)."""
+
+  def __init__(self, config, *, vocab_size: int | None = None, rngs: nnx.Rngs):
+    vocab_size = vocab_size or config.vocab_size
+    if not isinstance(vocab_size, int) or vocab_size < 1:
+      raise ValueError(f"LM: model.vocab_size must be a positive int (or come from the data), "
+                       f"got {vocab_size!r}")
+    check_layer_pattern(config.layer_pattern)
+    self.remat = config.remat
+    self.vocab_size = vocab_size
+    self.repeats = config.num_layers // len(config.layer_pattern)
+    kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+    self.embed = layers.Embed(vocab_size, config.d_model, **kw)
+
+    @nnx.split_rngs(splits=self.repeats)
+    @nnx.vmap(in_axes=(0,), out_axes=0, transform_metadata=_STACK)
+    def stacked(rngs):
+      return Block(config, rngs)
+
+    self.blocks = stacked(rngs)
+    self.final_norm = layers.RMSNorm(config.d_model, eps=config.norm_eps,
+                                     param_dtype=config.param_dtype)
+    self.unembed = None
+    if not config.tie_embeddings:
+      self.unembed = nnx.Linear(
+          config.d_model, vocab_size, use_bias=False, rngs=rngs, dtype=config.dtype,
+          param_dtype=config.param_dtype,
+          kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), ("embed", "vocab")))
+
+  def _logits(self, x):
+    x = self.final_norm(x)
+    if self.unembed is None:
+      return self.embed.attend(x).astype(jnp.float32)
+    return self.unembed(x).astype(jnp.float32)
+
+  def _run_blocks(self, x, positions, segment_ids, caches):
+    remat = self.remat
+
+    def body(x, block, positions, segment_ids, caches):
+      return block(x, positions, segment_ids, caches)
+
+    if remat != "none":
+      body = nnx.remat(body, policy=_REMAT[remat])
+    scan = nnx.scan(body, in_axes=(nnx.Carry, 0, None, None, 0), out_axes=(nnx.Carry, 0),
+                    transform_metadata=_STACK)
+    return scan(x, self.blocks, positions, segment_ids, caches)
+
+  def __call__(self, tokens, *, positions=None, segment_ids=None):
+    positions, segment_ids = _tokens_meta(tokens, positions, segment_ids)
+    x = self.embed(tokens)
+    x, _ = self._run_blocks(x, positions, segment_ids, None)
+    return self._logits(x)
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32):
+    """Every mixer's cache, stacked over the block repeats."""
+
+    @nnx.vmap(in_axes=(0,), out_axes=0)
+    def caches(block):
+      return block.init_cache(batch_size, max_length, dtype)
+
+    return caches(self.blocks)
+
+  def decode(self, tokens, *, positions, segment_ids=None, cache):
+    """(logits, cache) for ``tokens[B, t]`` appended to the cache (prefill: t > 1)."""
+    positions, segment_ids = _tokens_meta(tokens, positions, segment_ids)
+    x = self.embed(tokens)
+    x, cache = self._run_blocks(x, positions, segment_ids, cache)
+    return self._logits(x), cache
+
+
+def _tokens_meta(tokens, positions, segment_ids):
+  if tokens.ndim != 2:
+    raise ValueError(f"LM: tokens must be [B, T], got shape {tokens.shape}")
+  b, t = tokens.shape
+  if positions is None:
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+  if segment_ids is None:
+    segment_ids = jnp.ones((b, t), jnp.int32)
+  return positions, segment_ids
+
+
+def count_params(model: nnx.Module) -> int:
+  return sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param)))

@@ -1,0 +1,198 @@
+"""`train(config)`: the sharded training loop behind ``python -m lsm.train``.
+
+Start-up: mesh from ``parallel``, data, parameters born sharded (initialised inside a jit whose
+outputs carry the mesh shardings), the newest readable checkpoint restored if the run directory
+has one (so rerunning the same command resumes). Each update is one jitted step with donated
+state. SIGTERM (preemption) saves and exits cleanly; ``train.max_nonfinite`` skipped updates in a
+row stop the run with a message.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import signal
+
+import jax
+import numpy as np
+import optax
+from flax import nnx
+
+from lsm import parallel
+from lsm.config import Config, ConfigError, to_yaml
+from lsm.log import logger
+from lsm.models import LM, check_layer_pattern
+from lsm.train import data as train_data
+from lsm.train.checkpoint import Checkpoints
+from lsm.train.metrics import Reporter, device_peak_flops, train_flops_per_token
+from lsm.train.optim import learning_rate_schedule, make_optimizer
+from lsm.train.step import Functional, init_train_state, make_eval_step, make_train_step
+
+
+class TrainingStopped(RuntimeError):
+  """The run cannot go on (e.g. too many non-finite losses in a row); the message says why."""
+
+
+@dataclasses.dataclass
+class RunResult:
+  step: int
+  checkpoint_dir: str
+  log_file: str
+  final_eval: dict
+  preempted: bool
+
+
+def maybe_initialize_distributed() -> None:
+  """`jax.distributed.initialize()` on a cluster / TPU VM pod; nothing for one process."""
+  import os  # noqa: PLC0415
+  cluster_markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")
+  if any(os.environ.get(k) for k in cluster_markers) and not jax.distributed.is_initialized():
+    jax.distributed.initialize()
+
+
+def build_model(config: Config, vocab_size: int, seed: int) -> LM:
+  with nnx.use_eager_sharding(False):
+    return LM(config.model, vocab_size=vocab_size, rngs=nnx.Rngs(seed))
+
+
+def _shardings(config: Config, vocab_size: int, mesh, optimizer):
+  """(Functional, abstract train state with shardings, the state's shardings)."""
+  abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, config.train.seed))
+  fn, _ = Functional.of(abstract_model)
+  _, params_state = nnx.split(abstract_model, nnx.Param)
+  shardings = nnx.to_pure_dict(parallel.state_shardings(params_state, mesh))
+  abstract_params = jax.tree.map(
+      lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+      nnx.to_pure_dict(params_state), shardings)
+  # The optimizer state's shardings: whatever XLA gives zeros_like(params) & co.; scalars replicate.
+  init = jax.jit(lambda p: init_train_state(p, optimizer))
+  state_shardings = init.lower(abstract_params).compile().output_shardings
+  state_shardings["params"] = shardings
+  abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                                jax.eval_shape(init, abstract_params), state_shardings)
+  return fn, abstract_state, state_shardings
+
+
+def _evaluate(eval_step, params, batches, mesh) -> dict:
+  totals = {}
+  for batch in batches:
+    out = jax.device_get(eval_step(params, parallel.host_batch_to_global(batch, mesh)))
+    for key, value in out.items():
+      totals[key] = totals.get(key, 0.0) + float(value)
+  count = max(totals.get("count", 0.0), 1.0)
+  return {"loss": totals.get("loss_sum", 0.0) / count,
+          "accuracy": totals.get("correct", 0.0) / count,
+          "exact": totals.get("exact", 0.0) / max(totals.get("rows", 0.0), 1.0)}
+
+
+def train(config: Config, *, max_steps_this_run: int | None = None) -> RunResult:
+  """Trains (or resumes) the run described by ``config``; ``max_steps_this_run`` stops early
+  after that many updates (tests use it to interrupt a run)."""
+  maybe_initialize_distributed()
+  check_layer_pattern_or_raise(config)
+  mesh = parallel.make_mesh(config.parallel.shape(jax.device_count()))
+  out_dir = config.output_dir
+  data = train_data.build(config, shard_index=jax.process_index(),
+                          shard_count=jax.process_count())
+  vocab_size = config.model.vocab_size or data.vocab_size
+  total = config.train.steps
+  optimizer = make_optimizer(config.optimizer, total)
+  schedule = learning_rate_schedule(config.optimizer, total)
+  fn, abstract_state, state_shardings = _shardings(config, vocab_size, mesh, optimizer)
+
+  ckpt = None
+  if config.checkpoint.enabled:
+    ckpt = Checkpoints(out_dir / "checkpoints", every=config.checkpoint.every,
+                       keep=config.checkpoint.keep, async_save=config.checkpoint.async_save)
+  restored = ckpt.restore_latest(abstract_state) if ckpt else None
+  if restored is not None:
+    start, state, data_state = restored
+    data.iterator.set_state(data_state)
+    logger.info("resumed from %s at step %d", ckpt.directory, start)
+    print(f"# resumed from {ckpt.directory} at step {start}", flush=True)
+  else:
+    @jax.jit
+    def init():
+      model = build_model(config, vocab_size, config.train.seed)
+      return init_train_state(nnx.to_pure_dict(nnx.state(model, nnx.Param)), optimizer)
+
+    state = jax.jit(init, out_shardings=state_shardings)()
+    start = 0
+
+  if jax.process_index() == 0:
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.yaml").write_text(to_yaml(config))
+  n_params = sum(math.prod(x.shape) for x in jax.tree.leaves(abstract_state["params"]))
+  peak = device_peak_flops()
+  reporter = Reporter(out_dir, total_steps=total, peak_flops=peak["flops_per_s"],
+                      flops_per_token=train_flops_per_token(config.model, vocab_size,
+                                                            config.data.seq_len))
+  print(f"# {config.name}: {n_params / 1e6:.2f}M parameters, mesh {dict(mesh.shape)}, "
+        f"{config.data.batch_size} x {config.data.seq_len} tokens per update, "
+        f"{total} updates; logs in {out_dir}", flush=True)
+
+  batch_sharding = parallel.data_sharding(mesh)
+  step_fn = jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
+                    in_shardings=(state_shardings, batch_sharding),
+                    out_shardings=(state_shardings, None), donate_argnums=0)
+  eval_fn = jax.jit(make_eval_step(fn), in_shardings=(state_shardings["params"], batch_sharding))
+
+  preempted = {"flag": False}
+  previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
+  step = start
+  try:
+    pending = []
+    stop_at = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
+    while step < stop_at:
+      batch = parallel.host_batch_to_global(next(data.iterator), mesh)
+      state, metrics = step_fn(state, batch)
+      step += 1
+      pending.append(metrics)
+      if ckpt:
+        ckpt.save(step, state, data.iterator.get_state())
+      if step % config.train.log_every == 0 or step == stop_at:
+        host = jax.device_get(pending)
+        tokens = len(host) * config.data.batch_size * config.data.seq_len
+        skipped_in_a_row = int(jax.device_get(state["skipped_in_a_row"]))
+        reporter.log(step, "train", {
+            "loss": float(np.mean([m["loss"] for m in host if m["finite"]] or [np.nan])),
+            "accuracy": float(np.mean([m["accuracy"] for m in host if m["finite"]] or [0.0])),
+            "grad_norm": float(np.mean([m["grad_norm"] for m in host])),
+            "learning_rate": float(schedule(step)),
+            "skipped": int(jax.device_get(state["skipped"]))}, tokens=tokens)
+        pending = []
+        if skipped_in_a_row >= config.train.max_nonfinite:
+          raise TrainingStopped(
+              f"{skipped_in_a_row} updates in a row had a non-finite loss or gradient "
+              f"(train.max_nonfinite={config.train.max_nonfinite}); the last good state is in "
+              f"the checkpoints. Lower optimizer.learning_rate or check the data.")
+      if config.train.eval_every and step % config.train.eval_every == 0 and step < total:
+        reporter.log(step, "eval", _evaluate(eval_fn, state["params"], data.eval_batches, mesh))
+      if preempted["flag"]:
+        print(f"# SIGTERM: saving step {step} and exiting", flush=True)
+        break
+    final_eval = {}
+    if step == total:
+      final_eval = _evaluate(eval_fn, state["params"], data.eval_batches, mesh)
+      reporter.log(step, "eval", final_eval)
+    if ckpt:
+      ckpt.save(step, state, data.iterator.get_state(), force=True)
+      ckpt.wait()
+  finally:
+    signal.signal(signal.SIGTERM, previous)
+    reporter.close()
+    if ckpt:
+      ckpt.wait()
+  where = ckpt.directory if ckpt else "(checkpoints disabled)"
+  print(f"# checkpoint: {where}\n# logs: {reporter.jsonl} and {out_dir / 'tensorboard'}",
+        flush=True)
+  return RunResult(step=step, checkpoint_dir=str(where), log_file=str(reporter.jsonl),
+                   final_eval=final_eval, preempted=preempted["flag"])
+
+
+def check_layer_pattern_or_raise(config: Config) -> None:
+  try:
+    check_layer_pattern(config.model.layer_pattern)
+  except ValueError as error:
+    raise ConfigError(str(error)) from None
+
