@@ -1,0 +1,325 @@
+"""The synthetic long-context tasks: passkey, associative recall, key-value needle, selective copy.
+
+A task is a frozen dataclass of its difficulty knobs. ``task.sample(rng, seq_len)`` returns
+``(tokens int32 [seq_len], loss_mask float32 [seq_len])``: the sequence, written in the vocabulary
+of `lsm.data.synthetic_vocab`, and 1.0 exactly on the answer tokens (``task.answer_length`` of
+them). Content is placed at random among filler tokens, so asking for a longer ``seq_len`` makes
+the same task longer-range (length generalisation) without changing what is asked.
+
+Layouts (``...`` is filler; ``[...]`` marks the answer, the loss positions):
+
+- ``PasskeyTask``:           ``BOS ... PASSKEY d1..dk ... QUERY [d1..dk]``
+- ``AssociativeRecallTask``: ``BOS ..k v.. ..k v.. ... QUERY k [v] k [v] ...`` (MQAR)
+- ``KeyValueNeedleTask``:    ``BOS .. KEY k1..kL VALUE v1..vD .. (many similar keys) ..
+  QUERY k1..kL VALUE [v1..vD]``
+- ``SelectiveCopyTask``:     ``BOS noise x1 noise noise x2 ... xn noise COPY [x1..xn]``
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+
+from lsm.data import synthetic_vocab as vocab
+
+
+def _check_int(task: str, name: str, value, low: int, high: int | None = None) -> None:
+  allowed = f"an int in [{low}, {high}]" if high is not None else f"an int >= {low}"
+  if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
+      high is not None and value > high):
+    raise ValueError(f"{task}: {name} must be {allowed}, got {value!r}")
+
+
+def _check_symbols(task: str, sizes: dict[str, int]) -> None:
+  """The task's symbol ranges are disjoint slices of `vocab.SYMBOLS`: they must fit together."""
+  if sum(sizes.values()) > vocab.NUM_SYMBOLS:
+    spelled = " + ".join(f"{name}={size}" for name, size in sizes.items())
+    raise ValueError(f"{task}: {spelled} = {sum(sizes.values())} symbols, but the synthetic "
+                     f"vocabulary has {vocab.NUM_SYMBOLS}")
+
+
+def _symbol_ranges(sizes: dict[str, int]) -> dict[str, np.ndarray]:
+  ranges, start = {}, 0
+  for name, size in sizes.items():
+    ranges[name] = vocab.SYMBOLS[start:start + size]
+    start += size
+  return ranges
+
+
+def _scatter(rng: np.random.Generator, blocks: list[np.ndarray], filler: np.ndarray,
+             cuts: np.ndarray | None = None) -> np.ndarray:
+  """``blocks`` in their order, each kept whole, at random places among ``filler`` tokens."""
+  if cuts is None:
+    cuts = np.sort(rng.integers(0, filler.size + 1, size=len(blocks)))
+  pieces, previous = [], 0
+  for cut, block in zip(cuts, blocks):
+    pieces += [filler[previous:cut], block]
+    previous = cut
+  pieces.append(filler[previous:])
+  return np.concatenate(pieces).astype(np.int32)
+
+
+def _assemble(seq_len: int, context: np.ndarray, answer: list[tuple[np.ndarray, bool]]):
+  """``BOS``, the context, then (tokens, is_answer) parts: the sequence and its loss mask."""
+  tokens = np.concatenate([[vocab.BOS], context, *(part for part, _ in answer)]).astype(np.int32)
+  loss_mask = np.concatenate([np.zeros(1 + context.size, np.float32)] + [
+      np.full(part.size, float(is_answer), np.float32) for part, is_answer in answer])
+  assert tokens.size == seq_len, (tokens.size, seq_len)
+  return tokens, loss_mask
+
+
+class SyntheticTask(abc.ABC):
+  """What every task offers: a name, its answer length, the shortest sequence it fits in."""
+
+  name: ClassVar[str]
+
+  @property
+  @abc.abstractmethod
+  def answer_length(self) -> int:
+    """Answer tokens per example (the loss positions)."""
+
+  @property
+  @abc.abstractmethod
+  def min_seq_len(self) -> int:
+    """BOS, content, question and answer with no filler at all."""
+
+  @abc.abstractmethod
+  def sample(self, rng: np.random.Generator, seq_len: int) -> tuple[np.ndarray, np.ndarray]:
+    """One example: tokens int32 [seq_len] and loss_mask float32 [seq_len]."""
+
+  def check_seq_len(self, seq_len) -> int:
+    if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)):
+      raise ValueError(f"{self.name}: seq_len must be an int, got {seq_len!r}")
+    if seq_len < self.min_seq_len:
+      raise ValueError(f"{self.name}: seq_len={seq_len} is too short for {self}; it needs at "
+                       f"least {self.min_seq_len} tokens")
+    return int(seq_len)
+
+  def _filler(self, rng: np.random.Generator, symbols: np.ndarray, count: int) -> np.ndarray:
+    return symbols[rng.integers(0, symbols.size, size=count)]
+
+
+@dataclasses.dataclass(frozen=True)
+class PasskeyTask(SyntheticTask):
+  """Find the ``num_digits``-digit passkey hidden at a random depth in filler; repeat it at the end.
+
+  Args:
+    num_digits: length of the passkey (digits 0-9, one token each).
+    filler_vocab_size: how many distinct filler symbols (1: a single repeated filler token).
+    depth: where the passkey sits, as a fraction of the filler before it (0: right after BOS,
+      1: just before the query); None draws it uniformly per example.
+    unique_digits: draw the digits without repetition (``num_digits <= 10``), so "the digit after
+      this one" is unambiguous and a two-layer attention model copies the key quickly; False
+      allows repeated digits (harder).
+  """
+
+  name: ClassVar[str] = "passkey"
+  num_digits: int = 5
+  filler_vocab_size: int = 1
+  depth: float | None = None
+  unique_digits: bool = True
+
+  def __post_init__(self):
+    if not isinstance(self.unique_digits, bool):
+      raise TypeError(f"passkey: unique_digits must be a bool, got {self.unique_digits!r}")
+    _check_int(self.name, "num_digits", self.num_digits, 1,
+               vocab.NUM_DIGITS if self.unique_digits else None)
+    _check_int(self.name, "filler_vocab_size", self.filler_vocab_size, 1, vocab.NUM_SYMBOLS)
+    if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(
+        self.depth, (int, float, np.integer, np.floating)) or not 0.0 <= self.depth <= 1.0):
+      raise ValueError(f"passkey: depth must be a number in [0, 1] or None, got {self.depth!r}")
+
+  @property
+  def answer_length(self) -> int:
+    return self.num_digits
+
+  @property
+  def min_seq_len(self) -> int:
+    return 3 + 2 * self.num_digits
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    if self.unique_digits:
+      digits = vocab.DIGITS[rng.permutation(vocab.NUM_DIGITS)[:self.num_digits]]
+    else:
+      digits = vocab.DIGITS[rng.integers(0, vocab.NUM_DIGITS, size=self.num_digits)]
+    filler = self._filler(rng, vocab.SYMBOLS[:self.filler_vocab_size],
+                          seq_len - self.min_seq_len)
+    cuts = None if self.depth is None else np.asarray([round(self.depth * filler.size)])
+    context = _scatter(rng, [np.concatenate([[vocab.PASSKEY], digits])], filler, cuts)
+    return _assemble(seq_len, context, [(np.asarray([vocab.QUERY]), False), (digits, True)])
+
+
+@dataclasses.dataclass(frozen=True)
+class AssociativeRecallTask(SyntheticTask):
+  """Multi-query associative recall (MQAR): key-value pairs scattered in filler, then queries.
+
+  Each pair is two tokens ``k v``; after ``QUERY`` come ``num_queries`` distinct keys of the
+  context, each followed by its value (the answer). Keys, values and filler are disjoint symbol
+  ranges, keys are distinct, values may repeat.
+
+  Args:
+    num_pairs: key-value pairs in the context (at most ``key_vocab_size``).
+    num_queries: keys asked about (at most ``num_pairs``).
+    key_vocab_size, value_vocab_size, filler_vocab_size: symbols for each role.
+  """
+
+  name: ClassVar[str] = "mqar"
+  num_pairs: int = 8
+  num_queries: int = 4
+  key_vocab_size: int = 16
+  value_vocab_size: int = 16
+  filler_vocab_size: int = 1
+
+  def __post_init__(self):
+    for field in ("key_vocab_size", "value_vocab_size", "filler_vocab_size"):
+      _check_int(self.name, field, getattr(self, field), 1)
+    _check_symbols(self.name, self._sizes())
+    _check_int(self.name, "num_pairs", self.num_pairs, 1, self.key_vocab_size)
+    _check_int(self.name, "num_queries", self.num_queries, 1, self.num_pairs)
+
+  def _sizes(self) -> dict[str, int]:
+    return {"key_vocab_size": self.key_vocab_size, "value_vocab_size": self.value_vocab_size,
+            "filler_vocab_size": self.filler_vocab_size}
+
+  @property
+  def answer_length(self) -> int:
+    return self.num_queries
+
+  @property
+  def min_seq_len(self) -> int:
+    return 2 + 2 * self.num_pairs + 2 * self.num_queries
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    keys, values, fillers = _symbol_ranges(self._sizes()).values()
+    pair_keys = rng.choice(keys, size=self.num_pairs, replace=False)
+    pair_values = values[rng.integers(0, values.size, size=self.num_pairs)]
+    filler = self._filler(rng, fillers, seq_len - self.min_seq_len)
+    context = _scatter(rng, [np.asarray(pair) for pair in zip(pair_keys, pair_values)], filler)
+    asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
+    answer = [(np.asarray([vocab.QUERY]), False)]
+    for pair in asked:
+      answer += [(pair_keys[pair:pair + 1], False), (pair_values[pair:pair + 1], True)]
+    return _assemble(seq_len, context, answer)
+
+
+@dataclasses.dataclass(frozen=True)
+class KeyValueNeedleTask(SyntheticTask):
+  """One key-value needle among similar distractors: recall the value of the queried key.
+
+  Each entry is ``KEY k1..kL VALUE v1..vD`` (key symbols, value digits). The distractor keys
+  each differ from the needle's key in exactly one position, so no single token identifies the
+  needle; the question repeats the needle's key and the answer is its value.
+
+  Args:
+    num_distractors: entries besides the needle (at most ``key_length * (key_vocab_size - 1)``,
+      the number of keys one substitution away).
+    key_length: symbols per key.
+    value_length: digits per value.
+    key_vocab_size, filler_vocab_size: symbols for keys and for filler.
+  """
+
+  name: ClassVar[str] = "kv_needle"
+  num_distractors: int = 15
+  key_length: int = 4
+  value_length: int = 4
+  key_vocab_size: int = 8
+  filler_vocab_size: int = 1
+
+  def __post_init__(self):
+    _check_int(self.name, "key_length", self.key_length, 1)
+    _check_int(self.name, "value_length", self.value_length, 1)
+    _check_int(self.name, "key_vocab_size", self.key_vocab_size, 2)
+    _check_int(self.name, "filler_vocab_size", self.filler_vocab_size, 1)
+    _check_symbols(self.name, self._sizes())
+    _check_int(self.name, "num_distractors", self.num_distractors, 0,
+               self.key_length * (self.key_vocab_size - 1))
+
+  def _sizes(self) -> dict[str, int]:
+    return {"key_vocab_size": self.key_vocab_size, "filler_vocab_size": self.filler_vocab_size}
+
+  @property
+  def answer_length(self) -> int:
+    return self.value_length
+
+  @property
+  def _entry_length(self) -> int:
+    return 2 + self.key_length + self.value_length
+
+  @property
+  def min_seq_len(self) -> int:
+    return 1 + (self.num_distractors + 2) * self._entry_length
+
+  def _distractor_keys(self, rng: np.random.Generator, needle: np.ndarray) -> np.ndarray:
+    """``num_distractors`` distinct keys, each one substitution away from ``needle``."""
+    # Substitution (position p, shift s in 1..V-1) replaces needle[p] by (needle[p] + s) mod V.
+    chosen = rng.choice(self.key_length * (self.key_vocab_size - 1), size=self.num_distractors,
+                        replace=False)
+    places, shifts = np.divmod(chosen, self.key_vocab_size - 1)
+    keys = np.repeat(needle[None], self.num_distractors, axis=0)
+    keys[np.arange(self.num_distractors), places] = (
+        needle[places] + shifts + 1) % self.key_vocab_size
+    return keys
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    key_symbols, fillers = _symbol_ranges(self._sizes()).values()
+    needle = rng.integers(0, self.key_vocab_size, size=self.key_length)
+    keys = np.concatenate([needle[None], self._distractor_keys(rng, needle)])
+    values = vocab.DIGITS[rng.integers(0, vocab.NUM_DIGITS, size=(len(keys), self.value_length))]
+    entries = [np.concatenate([[vocab.KEY], key_symbols[key], [vocab.VALUE], value])
+               for key, value in zip(keys, values)]
+    order = rng.permutation(len(entries))
+    filler = self._filler(rng, fillers, seq_len - self.min_seq_len)
+    context = _scatter(rng, [entries[i] for i in order], filler)
+    question = np.concatenate([[vocab.QUERY], key_symbols[needle], [vocab.VALUE]])
+    return _assemble(seq_len, context, [(question, False), (values[0], True)])
+
+
+@dataclasses.dataclass(frozen=True)
+class SelectiveCopyTask(SyntheticTask):
+  """Copy the data tokens scattered among noise, in order, after the ``COPY`` marker.
+
+  Args:
+    num_data_tokens: data tokens to copy (they may repeat).
+    data_vocab_size, noise_vocab_size: symbols for data and for noise (disjoint).
+  """
+
+  name: ClassVar[str] = "selective_copy"
+  num_data_tokens: int = 8
+  data_vocab_size: int = 16
+  noise_vocab_size: int = 1
+
+  def __post_init__(self):
+    _check_int(self.name, "num_data_tokens", self.num_data_tokens, 1)
+    _check_int(self.name, "data_vocab_size", self.data_vocab_size, 1)
+    _check_int(self.name, "noise_vocab_size", self.noise_vocab_size, 1)
+    _check_symbols(self.name, self._sizes())
+
+  def _sizes(self) -> dict[str, int]:
+    return {"data_vocab_size": self.data_vocab_size, "noise_vocab_size": self.noise_vocab_size}
+
+  @property
+  def answer_length(self) -> int:
+    return self.num_data_tokens
+
+  @property
+  def min_seq_len(self) -> int:
+    return 2 + 2 * self.num_data_tokens
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    data_symbols, noise_symbols = _symbol_ranges(self._sizes()).values()
+    data = data_symbols[rng.integers(0, data_symbols.size, size=self.num_data_tokens)]
+    noise = self._filler(rng, noise_symbols, seq_len - self.min_seq_len)
+    context = _scatter(rng, [data[i:i + 1] for i in range(data.size)], noise)
+    return _assemble(seq_len, context, [(np.asarray([vocab.COPY]), False), (data, True)])
+
+
+SYNTHETIC_TASKS: dict[str, type[SyntheticTask]] = {
+    task.name: task
+    for task in (PasskeyTask, AssociativeRecallTask, KeyValueNeedleTask, SelectiveCopyTask)}

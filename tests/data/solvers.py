@@ -1,0 +1,76 @@
+"""Independent readers of synthetic sequences: each finds its task's content by the vocabulary
+layout alone and returns (what the answer must be, the positions the loss mask must mark)."""
+
+import numpy as np
+
+from lsm.data import synthetic_vocab as vocab
+
+
+def _only(tokens, marker) -> int:
+  (where,) = np.nonzero(tokens == marker)
+  assert where.size == 1, f"marker {marker} appears {where.size} times: {vocab.render(tokens)}"
+  return int(where[0])
+
+
+def _symbol(tokens) -> np.ndarray:
+  return tokens - vocab.FIRST_SYMBOL
+
+
+def solve_passkey(tokens, task):
+  hidden_at, query_at = _only(tokens, vocab.PASSKEY), _only(tokens, vocab.QUERY)
+  assert tokens[0] == vocab.BOS and hidden_at < query_at
+  hidden = tokens[hidden_at + 1:hidden_at + 1 + task.num_digits]
+  assert np.all((hidden >= vocab.FIRST_DIGIT) & (hidden < vocab.FIRST_SYMBOL))
+  if task.unique_digits:
+    assert len(set(hidden.tolist())) == task.num_digits
+  filler = np.delete(tokens[1:query_at], np.arange(hidden_at - 1, hidden_at + task.num_digits))
+  assert np.all((_symbol(filler) >= 0) & (_symbol(filler) < task.filler_vocab_size))
+  assert query_at + 1 + task.num_digits == tokens.size
+  return hidden, np.arange(query_at + 1, tokens.size)
+
+
+def solve_mqar(tokens, task):
+  query_at = _only(tokens, vocab.QUERY)
+  symbols = _symbol(tokens[1:query_at])
+  content = symbols[symbols < task.key_vocab_size + task.value_vocab_size]
+  keys, values = content[0::2], content[1::2]
+  assert np.all(keys < task.key_vocab_size) and np.all(values >= task.key_vocab_size)
+  assert keys.size == task.num_pairs and len(set(keys.tolist())) == task.num_pairs
+  value_of = dict(zip(keys.tolist(), values.tolist()))
+  asked = _symbol(tokens[query_at + 1::2])
+  assert asked.size == task.num_queries and len(set(asked.tolist())) == task.num_queries
+  expected = np.asarray([value_of[k] for k in asked.tolist()]) + vocab.FIRST_SYMBOL
+  return expected, np.arange(query_at + 2, tokens.size, 2)
+
+
+def solve_kv_needle(tokens, task):
+  query_at = _only(tokens, vocab.QUERY)
+  entries = {}
+  for start in np.nonzero(tokens[:query_at] == vocab.KEY)[0]:
+    key = tuple(tokens[start + 1:start + 1 + task.key_length].tolist())
+    assert tokens[start + 1 + task.key_length] == vocab.VALUE
+    value_at = start + 2 + task.key_length
+    assert key not in entries, "two entries share a key"
+    entries[key] = tokens[value_at:value_at + task.value_length]
+  assert len(entries) == task.num_distractors + 1
+  needle = tuple(tokens[query_at + 1:query_at + 1 + task.key_length].tolist())
+  assert tokens[query_at + 1 + task.key_length] == vocab.VALUE
+  for key in entries:
+    if key != needle:
+      assert sum(a != b for a, b in zip(key, needle)) == 1, "a distractor is not similar"
+  answer_at = query_at + 2 + task.key_length
+  assert answer_at + task.value_length == tokens.size
+  return entries[needle], np.arange(answer_at, tokens.size)
+
+
+def solve_selective_copy(tokens, task):
+  copy_at = _only(tokens, vocab.COPY)
+  symbols = _symbol(tokens[1:copy_at])
+  assert np.all(symbols < task.data_vocab_size + task.noise_vocab_size)
+  data = symbols[symbols < task.data_vocab_size] + vocab.FIRST_SYMBOL
+  assert data.size == task.num_data_tokens
+  return data, np.arange(copy_at + 1, tokens.size)
+
+
+SOLVERS = {"passkey": solve_passkey, "mqar": solve_mqar, "kv_needle": solve_kv_needle,
+           "selective_copy": solve_selective_copy}

@@ -1,0 +1,172 @@
+"""Synthetic tasks: exact lengths, vocabulary bounds, determinism, answers recoverable, errors."""
+
+import sys
+
+import grain
+import hypothesis
+from hypothesis import strategies as st
+import numpy as np
+import pytest
+
+from lsm.data import (ROW_KEYS, SYNTHETIC_TASKS, SYNTHETIC_VOCAB_SIZE, PasskeyTask,
+                      SyntheticSource, synthetic_dataset, synthetic_task)
+from lsm.data import synthetic_vocab as vocab
+from tests.data.solvers import SOLVERS
+
+TASKS = sorted(SYNTHETIC_TASKS)
+
+
+def _check_example(task, row, seq_len):
+  assert set(row) == set(ROW_KEYS)
+  for key, dtype in (("tokens", np.int32), ("loss_mask", np.float32),
+                     ("segment_ids", np.int32), ("positions", np.int32)):
+    assert row[key].dtype == dtype and row[key].shape == (seq_len,), key
+  tokens = row["tokens"]
+  assert tokens.min() > vocab.PAD and tokens.max() < SYNTHETIC_VOCAB_SIZE
+  np.testing.assert_array_equal(row["segment_ids"], 1)
+  np.testing.assert_array_equal(row["positions"], np.arange(seq_len))
+  expected, answer_positions = SOLVERS[task.name](tokens, task)
+  np.testing.assert_array_equal(tokens[answer_positions], expected, vocab.render(tokens))
+  mask = np.zeros(seq_len, np.float32)
+  mask[answer_positions] = 1.0
+  np.testing.assert_array_equal(row["loss_mask"], mask)
+  assert answer_positions.size == task.answer_length
+
+
+def test_vocabulary_layout():
+  assert SYNTHETIC_VOCAB_SIZE <= 64
+  ids = [vocab.PAD, vocab.BOS, vocab.PASSKEY, vocab.QUERY, vocab.KEY, vocab.VALUE, vocab.COPY,
+         *vocab.DIGITS, *vocab.SYMBOLS]
+  assert sorted(ids) == list(range(SYNTHETIC_VOCAB_SIZE))
+  assert vocab.render([vocab.QUERY, vocab.DIGITS[3], vocab.SYMBOLS[12]]) == "<query> 3 s12"
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+@pytest.mark.parametrize("seq_len", [None, 256, 1024])
+def test_answers_are_recoverable_from_the_sequence(task_name, seq_len):
+  task = synthetic_task(task_name)
+  seq_len = seq_len or task.min_seq_len
+  dataset = synthetic_dataset(task, seq_len=seq_len, seed=3, num_examples=20)
+  assert len(dataset) == 20
+  for row in dataset:
+    _check_example(task, row, seq_len)
+
+
+@st.composite
+def _tasks(draw):
+  name = draw(st.sampled_from(TASKS))
+  small = st.integers(1, 6)
+  if name == "passkey":
+    unique = draw(st.booleans())
+    knobs = dict(num_digits=draw(st.integers(1, 10 if unique else 16)), unique_digits=unique,
+                 filler_vocab_size=draw(small), depth=draw(st.none() | st.floats(0, 1)))
+  elif name == "mqar":
+    keys = draw(st.integers(1, 12))
+    pairs = draw(st.integers(1, keys))
+    knobs = dict(key_vocab_size=keys, value_vocab_size=draw(small), filler_vocab_size=draw(small),
+                 num_pairs=pairs, num_queries=draw(st.integers(1, pairs)))
+  elif name == "kv_needle":
+    key_length, key_vocab = draw(small), draw(st.integers(2, 6))
+    knobs = dict(key_length=key_length, key_vocab_size=key_vocab, value_length=draw(small),
+                 filler_vocab_size=draw(small),
+                 num_distractors=draw(st.integers(0, min(12, key_length * (key_vocab - 1)))))
+  else:
+    knobs = dict(num_data_tokens=draw(st.integers(1, 12)), data_vocab_size=draw(small),
+                 noise_vocab_size=draw(small))
+  return synthetic_task(name, **knobs)
+
+
+@hypothesis.settings(max_examples=60, deadline=None)
+@hypothesis.given(task=_tasks(), extra=st.integers(0, 40), seed=st.integers(0, 2**32),
+                  index=st.integers(0, 10**6))
+def test_any_difficulty_gives_exact_length_and_a_recoverable_answer(task, extra, seed, index):
+  seq_len = task.min_seq_len + extra
+  row = synthetic_dataset(task, seq_len=seq_len, seed=seed)[index]
+  _check_example(task, row, seq_len)
+
+
+@pytest.mark.parametrize("task_name", TASKS)
+def test_examples_depend_only_on_seed_and_index(task_name):
+  first = synthetic_dataset(task_name, seq_len=300, seed=7)
+  again = synthetic_dataset(task_name, seq_len=300, seed=7)
+  other_seed = synthetic_dataset(task_name, seq_len=300, seed=8)
+  for index in (0, 5, 123456789):
+    for key in ROW_KEYS:
+      np.testing.assert_array_equal(first[index][key], again[index][key])
+    assert not np.array_equal(first[index]["tokens"], other_seed[index]["tokens"])
+  assert not np.array_equal(first[0]["tokens"], first[1]["tokens"])
+  # Reading out of order (as a shuffled pipeline does) changes nothing.
+  np.testing.assert_array_equal(first[3]["tokens"], again[:4][3]["tokens"])
+
+
+def test_endless_by_default():
+  dataset = synthetic_dataset("passkey", seq_len=64, seed=0)
+  assert len(dataset) == sys.maxsize
+  assert isinstance(dataset, grain.MapDataset)
+  assert dataset[sys.maxsize - 1]["tokens"].shape == (64,)
+
+
+def test_passkey_depth_places_the_key():
+  def hidden_at(depth):
+    return int(np.argmax(synthetic_dataset("passkey", seq_len=1000, seed=0, depth=depth)[0][
+        "tokens"] == vocab.PASSKEY))
+
+  filler = 1000 - PasskeyTask().min_seq_len
+  assert hidden_at(0.0) == 1
+  assert hidden_at(1.0) == 1 + filler
+  assert hidden_at(0.5) == 1 + round(0.5 * filler)
+  depths = [int(np.argmax(row["tokens"] == vocab.PASSKEY))
+            for row in synthetic_dataset("passkey", seq_len=1000, seed=0, num_examples=30)]
+  assert len(set(depths)) > 20, "random depths should spread over the sequence"
+
+
+def test_longer_sequences_keep_the_task():
+  """Evaluating at 2x and 4x the training length is only a longer seq_len."""
+  for seq_len in (256, 512, 1024):
+    row = synthetic_dataset("passkey", seq_len=seq_len, seed=0, num_digits=5)[0]
+    assert row["tokens"].shape == (seq_len,) and row["loss_mask"].sum() == 5
+
+
+@pytest.mark.parametrize("call, error, pattern", [
+    (lambda: synthetic_dataset("needle", seq_len=64, seed=0), ValueError,
+     r"task must be one of .*'passkey'.*got 'needle'"),
+    (lambda: synthetic_dataset("passkey", seq_len=12, seed=0), ValueError,
+     r"seq_len=12 is too short .* at least 13"),
+    (lambda: synthetic_dataset("kv_needle", seq_len=100, seed=0), ValueError,
+     r"seq_len=100 is too short"),
+    (lambda: synthetic_dataset("passkey", seq_len=64.0, seed=0), ValueError,
+     r"seq_len must be an int, got 64.0"),
+    (lambda: synthetic_dataset("passkey", seq_len=64, seed=-1), ValueError,
+     r"seed must be a non-negative int, got -1"),
+    (lambda: synthetic_dataset("passkey", seq_len=64, seed=0, num_examples=0), ValueError,
+     r"num_examples must be a positive int or None, got 0"),
+    (lambda: synthetic_dataset("passkey", seq_len=64, seed=0, num_pairs=3), TypeError,
+     r"no difficulty argument 'num_pairs'; it takes num_digits"),
+    (lambda: synthetic_dataset(PasskeyTask(), seq_len=64, seed=0, num_digits=3), TypeError,
+     r"difficulty arguments \['num_digits'\] can only go with a task name"),
+    (lambda: synthetic_dataset(3, seq_len=64, seed=0), TypeError, r"task must be a task name"),
+    (lambda: synthetic_task("passkey", num_digits=11), ValueError,
+     r"num_digits must be an int in \[1, 10\], got 11"),
+    (lambda: synthetic_task("passkey", depth=1.5), ValueError, r"depth must be a number in"),
+    (lambda: synthetic_task("passkey", filler_vocab_size=0), ValueError,
+     r"filler_vocab_size must be an int in \[1, 47\], got 0"),
+    (lambda: synthetic_task("mqar", num_pairs=20, key_vocab_size=16), ValueError,
+     r"num_pairs must be an int in \[1, 16\], got 20"),
+    (lambda: synthetic_task("mqar", num_queries=9, num_pairs=8), ValueError,
+     r"num_queries must be an int in \[1, 8\], got 9"),
+    (lambda: synthetic_task("mqar", key_vocab_size=30, value_vocab_size=30), ValueError,
+     r"key_vocab_size=30 \+ value_vocab_size=30 \+ filler_vocab_size=1 = 61 symbols"),
+    (lambda: synthetic_task("kv_needle", num_distractors=30, key_length=4, key_vocab_size=8),
+     ValueError, r"num_distractors must be an int in \[0, 28\], got 30"),
+    (lambda: synthetic_task("selective_copy", num_data_tokens=0), ValueError,
+     r"num_data_tokens must be an int >= 1, got 0"),
+], ids=lambda x: x if isinstance(x, str) else None)
+def test_bad_arguments_name_the_argument(call, error, pattern):
+  with pytest.raises(error, match=pattern):
+    call()
+
+
+def test_source_rejects_indices_outside_the_dataset():
+  source = SyntheticSource(PasskeyTask(), seq_len=64, seed=0, num_examples=4)
+  with pytest.raises(IndexError, match=r"index must be an int in \[0, 4\), got 4"):
+    source[4]
