@@ -35,7 +35,7 @@ class RopeConfig(_Section):
 
 
 class AttentionConfig(_Section):
-  window: int | None = Field(None, ge=0)
+  window: int | None = Field(None, ge=1)
   sink_tokens: int | None = Field(None, ge=0)
   logits_soft_cap: float | None = Field(None, gt=0)
   implementation: Literal["reference", "xla", "pallas_tpu", "pallas_gpu"] | None = None

@@ -76,8 +76,9 @@ class LM(nnx.Module):
     self.blocks = stacked(rngs)
     self.final_norm = layers.RMSNorm(config.d_model, eps=config.norm_eps,
                                      param_dtype=config.param_dtype)
-    self.unembed = None
-    if not config.tie_embeddings:
+    if config.tie_embeddings:
+      self.unembed = None
+    else:
       self.unembed = nnx.Linear(
           config.d_model, vocab_size, use_bias=False, rngs=rngs, dtype=config.dtype,
           param_dtype=config.param_dtype,

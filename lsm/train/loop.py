@@ -175,9 +175,8 @@ def train(config: Config, *, max_steps_this_run: int | None = None) -> RunResult
     if step == total:
       final_eval = _evaluate(eval_fn, state["params"], data.eval_batches, mesh)
       reporter.log(step, "eval", final_eval)
-    if ckpt:
+    if ckpt and ckpt.latest_step() != step:
       ckpt.save(step, state, data.iterator.get_state(), force=True)
-      ckpt.wait()
   finally:
     signal.signal(signal.SIGTERM, previous)
     reporter.close()
