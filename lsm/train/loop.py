@@ -85,12 +85,17 @@ def _evaluate(eval_step, params, batches, mesh) -> dict:
           "exact": totals.get("exact", 0.0) / max(totals.get("rows", 0.0), 1.0)}
 
 
-def train(config: Config, *, max_steps_this_run: int | None = None) -> RunResult:
-  """Trains (or resumes) the run described by ``config``; ``max_steps_this_run`` stops early
-  after that many updates (tests use it to interrupt a run)."""
+def train(config: Config, *, max_steps_this_run: int | None = None,
+          devices=None) -> RunResult:
+  """Trains (or resumes) the run described by ``config``.
+
+  ``max_steps_this_run`` stops after that many updates (a checkpoint is written); ``devices``
+  (default: all) are the devices the mesh spans.
+  """
   maybe_initialize_distributed()
   check_layer_pattern_or_raise(config)
-  mesh = parallel.make_mesh(config.parallel.shape(jax.device_count()))
+  devices = jax.devices() if devices is None else list(devices)
+  mesh = parallel.make_mesh(config.parallel.shape(len(devices)), devices)
   out_dir = config.output_dir
   data = train_data.build(config, shard_index=jax.process_index(),
                           shard_count=jax.process_count())

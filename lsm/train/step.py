@@ -88,7 +88,7 @@ def make_train_step(fn: Functional, optimizer: optax.GradientTransformation, gra
     denom = jnp.maximum(count, 1.0)
     grads = jax.tree.map(lambda g: g / denom, grads)
     loss = loss_sum / denom
-    grad_norm = optax.global_norm(grads)
+    grad_norm = optax.tree.norm(grads)
     finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, new_opt = optimizer.update(grads, state["opt_state"], params)
     new_params = optax.apply_updates(params, updates)

@@ -77,11 +77,11 @@ def test_stacked_parameters_carry_full_logical_specs():
   for path, variable in leaves:
     names = variable.out_sharding
     where = jax.tree_util.keystr(path)
-    assert names is not None and len(names) == variable.value.ndim, where
+    assert names is not None and len(names) == variable.get_value().ndim, where
     assert (names[0] == "layers") == ("blocks" in where), where
     if "blocks" in where:
-      assert variable.value.shape[0] == 4, where  # one slice per repeat of the pattern
-  assert count_params(model) == sum(v.value.size for _, v in leaves)
+      assert variable.get_value().shape[0] == 4, where  # one slice per repeat of the pattern
+  assert count_params(model) == sum(v.get_value().size for _, v in leaves)
 
 
 @pytest.mark.parametrize("remat", ["full", "dots"])

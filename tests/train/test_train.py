@@ -1,0 +1,183 @@
+"""The training loop: it learns, shards without changing the numbers, resumes exactly after
+kill -9 and SIGTERM, restores onto another mesh, skips bad checkpoints, and stops on NaNs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from lsm.config import load_config
+from lsm.train import TrainingStopped, build_model, train
+from lsm.train import data as train_data
+from lsm.train.optim import make_optimizer
+from lsm.train.step import Functional, init_train_state, make_train_step
+
+TINY = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
+        "model.mlp_dim=64", "data.seq_len=32", "data.batch_size=8",
+        "data.task_options.num_digits=3", "optimizer.warmup_steps=2", "train.log_every=1",
+        "train.eval_batches=1", "checkpoint.every=2", "checkpoint.async_save=false"]
+
+
+def _config(tmp_path, name, *overrides):
+  return load_config(None, [f"name={name}", f"train.output_dir={tmp_path}/{{name}}", *TINY,
+                            *overrides])
+
+
+def _losses(run_dir):
+  records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+  return {r["step"]: r["loss"] for r in records if r["kind"] == "train"}
+
+
+def test_overfits_a_tiny_batch():
+  config = _config("/tmp", "overfit", "optimizer.learning_rate=1e-2", "optimizer.weight_decay=0")
+  data = train_data.build(config)
+  batch = jax.tree.map(jnp.asarray, next(data.iterator))
+  fn, params = Functional.of(build_model(config, data.vocab_size, 0))
+  optimizer = make_optimizer(config.optimizer, 150)
+  step = jax.jit(make_train_step(fn, optimizer, grad_accum=1))
+  state = init_train_state(params, optimizer)
+  first = None
+  for _ in range(150):
+    state, metrics = step(state, batch)
+    first = float(metrics["loss"]) if first is None else first
+  assert float(metrics["loss"]) < 0.05 * first
+  assert float(metrics["accuracy"]) == 1.0
+
+
+def test_gradient_accumulation_equals_one_big_batch():
+  config = _config("/tmp", "accum")
+  data = train_data.build(config)
+  batch = jax.tree.map(jnp.asarray, next(data.iterator))
+  fn, params = Functional.of(build_model(config, data.vocab_size, 0))
+  optimizer = make_optimizer(config.optimizer, 10)
+  results = [jax.jit(make_train_step(fn, optimizer, grad_accum=a))(
+      init_train_state(params, optimizer), batch) for a in (1, 4)]
+  np.testing.assert_allclose(float(results[0][1]["loss"]), float(results[1][1]["loss"]),
+                             rtol=1e-6)
+  for a, b in zip(jax.tree.leaves(results[0][0]["params"]),
+                  jax.tree.leaves(results[1][0]["params"])):
+    np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
+
+
+def test_sharded_run_matches_one_device(tmp_path):
+  """data=2 x fsdp=2 x tensor=2 on 8 emulated devices: the same losses as one device."""
+  steps = ["train.steps=4", "checkpoint.enabled=false"]
+  one = _config(tmp_path, "one", *steps, "parallel.data=1")
+  train(one, devices=jax.devices()[:1])
+  mesh = _config(tmp_path, "mesh", *steps, "parallel.data=2", "parallel.fsdp=2",
+                 "parallel.tensor=2")
+  train(mesh)
+  a, b = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
+  assert sorted(a) == sorted(b) == [1, 2, 3, 4]
+  for step in a:
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def _subprocess_env():
+  env = dict(os.environ)
+  env["XLA_FLAGS"] = "--xla_force_host_platform_device_count=1"
+  return env
+
+
+def _start(config_overrides):
+  return subprocess.Popen([sys.executable, "-u", "-m", "lsm.train", *config_overrides],
+                          stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                          env=_subprocess_env())
+
+
+def _run_until(process, marker):
+  seen = []
+  for line in process.stdout:
+    seen.append(line)
+    if marker in line:
+      return "".join(seen)
+  process.wait()
+  raise AssertionError(f"process ended before {marker!r}:\n{''.join(seen)}")
+
+
+def _overrides(tmp_path, name, *extra):
+  return [f"name={name}", f"train.output_dir={tmp_path}/{{name}}", *TINY, *extra]
+
+
+def test_kill_9_then_rerun_resumes_with_the_same_losses(tmp_path):
+  steps = "train.steps=8"
+  whole = _config(tmp_path, "whole", steps)
+  train(whole, devices=jax.devices()[:1])
+  process = _start(_overrides(tmp_path, "killed", steps))
+  _run_until(process, "step 5/8")
+  process.send_signal(signal.SIGKILL)
+  process.wait()
+  done_before = max(_losses(tmp_path / "killed"))
+  assert done_before < 8
+  resumed = train(_config(tmp_path, "killed", steps), devices=jax.devices()[:1])
+  assert resumed.step == 8
+  a, b = _losses(tmp_path / "whole"), _losses(tmp_path / "killed")
+  for step in range(1, 9):  # the rerun's lines come last in the log, so b holds the resumed ones
+    assert abs(a[step] - b[step]) <= 1e-6 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_sigterm_saves_and_exits_cleanly(tmp_path):
+  process = _start(_overrides(tmp_path, "term", "train.steps=400", "checkpoint.every=1000"))
+  _run_until(process, "step 3/400")
+  process.send_signal(signal.SIGTERM)
+  output = process.communicate(timeout=120)[0]
+  assert process.returncode == 0, output
+  assert "SIGTERM: saving step" in output
+  saved = sorted(int(p.name) for p in (tmp_path / "term" / "checkpoints").iterdir()
+                 if p.name.isdigit())
+  assert saved and 3 <= saved[-1] < 400
+
+
+def test_restore_onto_another_mesh(tmp_path):
+  """Four updates on 8-way data parallelism, two more on data=2 x fsdp=2 x tensor=2: the same
+  losses as six updates on the first mesh."""
+  base = ["parallel.data=8"]
+  train(_config(tmp_path, "same", "train.steps=6", *base))
+  train(_config(tmp_path, "moved", "train.steps=6", *base), max_steps_this_run=4)
+  result = train(_config(tmp_path, "moved", "train.steps=6", "parallel.data=2",
+                         "parallel.fsdp=2", "parallel.tensor=2"))
+  assert result.step == 6
+  a, b = _losses(tmp_path / "same"), _losses(tmp_path / "moved")
+  for step in (5, 6):
+    assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+
+
+def test_partial_and_unreadable_checkpoints_are_skipped(tmp_path, caplog):
+  config = _config(tmp_path, "bad", "train.steps=4")
+  train(config, devices=jax.devices()[:1])
+  ckpt_dir = tmp_path / "bad" / "checkpoints"
+  # A save interrupted by kill -9 leaves orbax's temporary directory behind ...
+  (ckpt_dir / "6.orbax-checkpoint-tmp-1234").mkdir()
+  # ... and the newest finalised checkpoint loses its files.
+  for path in sorted((ckpt_dir / "4").rglob("*"), reverse=True):
+    if path.is_file():
+      path.unlink()
+  with caplog.at_level("WARNING", logger="lsm"):
+    result = train(_config(tmp_path, "bad", "train.steps=5"), devices=jax.devices()[:1])
+  said = caplog.text
+  assert "partially written checkpoint" in said and "cannot be read" in said
+  assert result.step == 5
+  losses = _losses(tmp_path / "bad")
+  assert 3 in losses and 5 in losses  # resumed from step 2: steps 3.. ran again
+
+
+def test_non_finite_losses_stop_the_run(tmp_path):
+  config = _config(tmp_path, "nan", "train.steps=20", "optimizer.learning_rate=1e30",
+                   "optimizer.grad_clip=null", "optimizer.warmup_steps=0",
+                   "train.max_nonfinite=3", "checkpoint.enabled=false")
+  with pytest.raises(TrainingStopped, match=r"3 updates in a row had a non-finite loss"):
+    train(config, devices=jax.devices()[:1])
+
+
+def test_built_model_is_what_train_trains():
+  config = _config("/tmp", "built")
+  model = build_model(config, 64, 0)
+  assert isinstance(model, nnx.Module)
+  assert model(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 64)
