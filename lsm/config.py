@@ -122,7 +122,14 @@ class TrainConfig(_Section):
   seed: int = 0
   max_nonfinite: int = Field(5, gt=0)  # consecutive skipped updates that stop the run
   output_dir: str = "runs/{name}"
-  profile_steps: list[int] | None = None  # [start, stop): a profiler trace window
+  profile_steps: list[int] | None = Field(None, min_length=2, max_length=2)  # [start, stop)
+
+  @model_validator(mode="after")
+  def _profile(self):
+    if self.profile_steps and not 0 <= self.profile_steps[0] < self.profile_steps[1]:
+      raise ValueError(f"train.profile_steps must be [start, stop) with 0 <= start < stop, got "
+                       f"{self.profile_steps}")
+    return self
 
 
 class CheckpointConfig(_Section):

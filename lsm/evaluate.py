@@ -63,7 +63,9 @@ def main(argv: list[str]) -> int:
   for r in rows:
     print(f"| {r['length']} | {r['multiple']:g} | {r['rope_scaling']} | "
           f"{r['exact_match']:.1%} | {r['token_accuracy']:.1%} |")
-  print(f"# wrote {out}")
+  run = pathlib.Path(args.run)
+  print(f"# wrote {out}\n# checkpoints: {run / 'checkpoints'}\n# logs: {run / 'metrics.jsonl'} "
+        f"and {run / 'tensorboard'} (tensorboard --logdir {run / 'tensorboard'})")
   return 0
 
 

@@ -93,6 +93,10 @@ class PackedDocuments(Sequence):
   def __len__(self) -> int:
     return len(self._row_first_piece) - 1
 
+  def __repr__(self) -> str:
+    return (f"PackedDocuments({len(self)} rows of {self.seq_len} tokens, "
+            f"{self._tokens.size} tokens in {self._piece_lengths.size} pieces)")
+
   def __getitem__(self, index) -> dict[str, np.ndarray]:
     if isinstance(index, slice) or not isinstance(index, (int, np.integer)):
       raise TypeError(f"PackedDocuments: index must be an int, got {type(index).__name__}")

@@ -9,7 +9,8 @@ import numpy as np
 
 from lsm.data.packing import ROW_KEYS
 
-_DEFAULT_READ_OPTIONS = grain.ReadOptions(num_threads=2, prefetch_buffer_size=4)
+_DEFAULT_THREADS = 2
+_DEFAULT_PREFETCH_BATCHES = 4
 
 
 def _check_int(name: str, value, low: int) -> int:
@@ -98,4 +99,5 @@ def make_dataset(source: grain.MapDataset, *, batch_size: int, seed: int, shuffl
     if repeat:
       dataset = dataset.repeat()
   dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
-  return dataset.to_iter_dataset(read_options or _DEFAULT_READ_OPTIONS)
+  return dataset.to_iter_dataset(read_options or grain.ReadOptions(
+      num_threads=_DEFAULT_THREADS, prefetch_buffer_size=_DEFAULT_PREFETCH_BATCHES))

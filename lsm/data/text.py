@@ -31,8 +31,10 @@ def expand_paths(paths) -> list[str]:
                      f"{paths!r}")
   files = []
   for pattern in map(os.fspath, paths):
-    matches = sorted(glob.glob(pattern, recursive=True)) if glob.has_magic(pattern) else (
-        [pattern] if os.path.exists(pattern) else [])
+    if any(char in pattern for char in "*?["):
+      matches = sorted(glob.glob(pattern, recursive=True))
+    else:
+      matches = [pattern] if os.path.exists(pattern) else []
     matches = [m for m in matches if os.path.isfile(m)]
     if not matches:
       raise ValueError(f"paths: {pattern!r} matches no file")
@@ -95,6 +97,8 @@ def text_dataset(paths, *, seq_len: int, tokenizer=None, jsonl_field: str = "tex
     jsonl_field: the field of each ``.jsonl`` record that holds its text.
     add_bos, add_eos: wrap each document in the tokenizer's BOS / EOS ids.
   """
+  if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)) or seq_len < 1:
+    raise ValueError(f"text_dataset: seq_len must be a positive int, got {seq_len!r}")
   tokenizer = load_tokenizer(tokenizer)
   for flag, value, token_id in (("add_bos", add_bos, tokenizer.bos_id),
                                 ("add_eos", add_eos, tokenizer.eos_id)):

@@ -148,7 +148,13 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
   try:
     pending = []
     stop_at = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
+    profile = config.train.profile_steps
     while step < stop_at:
+      if profile and step == profile[0]:
+        jax.profiler.start_trace(str(out_dir / "profile"))
+      if profile and step == profile[1]:
+        jax.profiler.stop_trace()
+        print(f"# profile of steps {profile[0]}..{profile[1] - 1} in {out_dir / 'profile'}")
       batch = parallel.host_batch_to_global(next(data.iterator), mesh)
       state, metrics = step_fn(state, batch)
       step += 1
