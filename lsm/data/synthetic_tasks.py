@@ -91,6 +91,7 @@ class SyntheticTask(abc.ABC):
     """One example: tokens int32 [seq_len] and loss_mask float32 [seq_len]."""
 
   def check_seq_len(self, seq_len) -> int:
+    """``seq_len`` as an int, or a ValueError if it is not one or cannot hold this task."""
     if isinstance(seq_len, bool) or not isinstance(seq_len, (int, np.integer)):
       raise ValueError(f"{self.name}: seq_len must be an int, got {seq_len!r}")
     if seq_len < self.min_seq_len:

@@ -180,3 +180,8 @@ def test_huggingface_tokenizers_file(tmp_path):
   text = _write(tmp_path / "t.txt", "the lamp was lit")
   assert text_dataset(text, seq_len=8, tokenizer=path)[0]["tokens"].tolist() == [
       0, 3, 4, 5, 6, 1, 0, 0]
+
+
+def test_text_dataset_checks_seq_len():
+  with pytest.raises(ValueError, match=r"text_dataset: seq_len must be a positive int, got 0"):
+    text_dataset(SAMPLE, seq_len=0)
