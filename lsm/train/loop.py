@@ -64,13 +64,36 @@ def _shardings(config: Config, vocab_size: int, mesh, optimizer):
   abstract_params = jax.tree.map(
       lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
       nnx.to_pure_dict(params_state), shardings)
-  # The optimizer state's shardings: whatever XLA gives zeros_like(params) & co.; scalars replicate.
   init = jax.jit(lambda p: init_train_state(p, optimizer))
-  state_shardings = init.lower(abstract_params).compile().output_shardings
-  state_shardings["params"] = shardings
+  abstract_state = jax.eval_shape(init, abstract_params)
+  state_shardings = dict(
+      jax.tree.map(lambda _: parallel.replicated(mesh), abstract_state),
+      params=shardings, opt_state=_like_params(abstract_state["opt_state"], shardings, mesh))
   abstract_state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
-                                jax.eval_shape(init, abstract_params), state_shardings)
+                                abstract_state, state_shardings)
   return fn, abstract_state, state_shardings
+
+
+def _path_names(path) -> tuple:
+  return tuple(getattr(k, "key", getattr(k, "idx", getattr(k, "name", k))) for k in path)
+
+
+def _like_params(opt_state, param_shardings, mesh):
+  """Shardings for an optimizer state: a leaf whose path ends with a parameter's path (Adam's
+  moments, ...) is sharded like that parameter; anything else (step counts) is replicated."""
+  by_path = {_path_names(path): s for path, s in
+             jax.tree_util.tree_leaves_with_path(param_shardings)}
+  longest = max(map(len, by_path), default=0)
+
+  def one(path, leaf):
+    names = _path_names(path)
+    for n in range(min(longest, len(names)), 0, -1):
+      sharding = by_path.get(names[-n:])
+      if sharding is not None and len(sharding.spec) <= leaf.ndim:
+        return sharding
+    return parallel.replicated(mesh)
+
+  return jax.tree_util.tree_map_with_path(one, opt_state)
 
 
 def _evaluate(eval_step, params, batches, mesh) -> dict:
@@ -144,16 +167,18 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
 
   preempted = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
-  step = start
+  step, tracing = start, False
   try:
     pending = []
     stop_at = total if max_steps_this_run is None else min(total, start + max_steps_this_run)
-    profile = config.train.profile_steps
+    profile, tracing = config.train.profile_steps, False
     while step < stop_at:
       if profile and step == profile[0]:
         jax.profiler.start_trace(str(out_dir / "profile"))
-      if profile and step == profile[1]:
+        tracing = True
+      if tracing and step == profile[1]:
         jax.profiler.stop_trace()
+        tracing = False
         print(f"# profile of steps {profile[0]}..{profile[1] - 1} in {out_dir / 'profile'}")
       batch = parallel.host_batch_to_global(next(data.iterator), mesh)
       state, metrics = step_fn(state, batch)
@@ -189,6 +214,8 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
     if ckpt and ckpt.latest_step() != step:
       ckpt.save(step, state, data.iterator.get_state(), force=True)
   finally:
+    if tracing:
+      jax.profiler.stop_trace()
     signal.signal(signal.SIGTERM, previous)
     reporter.close()
     if ckpt:

@@ -181,3 +181,40 @@ def test_built_model_is_what_train_trains():
   model = build_model(config, 64, 0)
   assert isinstance(model, nnx.Module)
   assert model(jnp.zeros((1, 8), jnp.int32)).shape == (1, 8, 64)
+
+
+def test_text_lm_config_trains_on_the_sample_text(tmp_path):
+  config = load_config("configs/text_lm.yaml", [
+      f"train.output_dir={tmp_path}/{{name}}", "train.steps=3", "train.log_every=1",
+      "data.seq_len=64", "data.batch_size=4", "model.num_layers=2", "checkpoint.enabled=false",
+      "train.eval_batches=1"])
+  result = train(config, devices=jax.devices()[:1])
+  losses = _losses(tmp_path / "text_lm")
+  assert result.step == 3 and sorted(losses) == [1, 2, 3]
+  assert all(np.isfinite(v) for v in losses.values())
+  assert np.isfinite(result.final_eval["loss"])
+
+
+def test_tpu_config_is_consistent_on_an_emulated_mesh():
+  """The ~1B / 32k config, built abstractly (no memory) and sharded FSDP over 8 devices: every
+  large parameter and its Adam moments are split, and the train step lowers."""
+  from lsm import parallel  # noqa: PLC0415
+  from lsm.train.loop import _shardings  # noqa: PLC0415
+  config = load_config("configs/tpu_1b_32k.yaml", ["parallel.fsdp=8"])
+  mesh = parallel.make_mesh(config.parallel.shape(8))
+  optimizer = make_optimizer(config.optimizer, config.train.steps)
+  fn, abstract_state, shardings = _shardings(config, config.model.vocab_size, mesh, optimizer)
+  n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
+  assert 0.8e9 < n_params < 1.3e9
+  for x in jax.tree.leaves(abstract_state["params"]) + jax.tree.leaves(
+      abstract_state["opt_state"]):
+    if x.size >= 2**20:
+      assert "fsdp" in str(x.sharding.spec), (x.shape, x.sharding.spec)
+  batch = {k: jax.ShapeDtypeStruct((config.data.batch_size, config.data.seq_len + 1),
+                                   jnp.float32 if k == "loss_mask" else jnp.int32,
+                                   sharding=parallel.data_sharding(mesh))
+           for k in ("tokens", "loss_mask", "segment_ids", "positions")}
+  step = jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
+                 out_shardings=(shardings, None))
+  lowered = step.lower(abstract_state, batch)
+  assert "while" in lowered.as_text()[:10**7]  # the scanned layers
