@@ -2,9 +2,9 @@
 
 import sys
 
-from lsm.bench import attention
+from lsm.bench import attention, train
 
-BENCHMARKS = {"attention": attention.main}
+BENCHMARKS = {"attention": attention.main, "train": train.main}
 
 
 def main(argv: list[str]) -> int:

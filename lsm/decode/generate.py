@@ -10,6 +10,7 @@ tokens of its own row in order.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import time
 
 import jax
@@ -48,6 +49,34 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
   return out
 
 
+# Jitted once per model structure (graphdef) and shapes, shared by every call.
+
+
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
+def _init_cache(graphdef, params, batch, max_length, dtype):
+  return nnx.merge(graphdef, params).init_cache(batch, max_length, dtype)
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _prefill(graphdef, params, tokens, positions, cache):
+  logits, cache = nnx.merge(graphdef, params).decode(tokens, positions=positions, cache=cache)
+  return logits[:, -1], cache
+
+
+@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
+def _step(graphdef, params, token, position, cache):
+  logits, cache = nnx.merge(graphdef, params).decode(token[:, None], positions=position[:, None],
+                                                     cache=cache)
+  return logits[:, 0], cache
+
+
+@functools.partial(jax.jit, static_argnums=4)
+def _pick(logits, key, forced, has_forced, sampling):
+  temperature, top_k, top_p = sampling
+  return jnp.where(has_forced, forced, sample(logits, key, temperature=temperature, top_k=top_k,
+                                              top_p=top_p))
+
+
 def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
              prefill_chunk: int = 512, max_length: int | None = None, seed: int = 0,
@@ -68,26 +97,15 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
     raise ValueError(f"generate: max_length={max_length} is shorter than the longest prompt plus "
                      f"max_new_tokens ({needed})")
   graphdef, params = nnx.split(model)
-
-  @jax.jit
-  def prefill(params, tokens, positions, cache):
-    model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(tokens, positions=positions, cache=cache)
-    return logits[:, -1], cache
-
-  @jax.jit
-  def prefill_start(params):
-    return nnx.merge(graphdef, params).init_cache(b, max_length, cache_dtype)
-
   started = time.perf_counter()
-  cache = prefill_start(params)
+  cache = _init_cache(graphdef, params, b, max_length, jnp.dtype(cache_dtype))
   tokens = np.stack([p[:common] for p in prompts])
   logits = None
   for start in range(0, common, prefill_chunk):
     chunk = tokens[:, start:start + prefill_chunk]
     positions = np.broadcast_to(np.arange(start, start + chunk.shape[1], dtype=np.int32),
                                 chunk.shape)
-    logits, cache = prefill(params, jnp.asarray(chunk), jnp.asarray(positions), cache)
+    logits, cache = _prefill(graphdef, params, jnp.asarray(chunk), jnp.asarray(positions), cache)
   jax.block_until_ready(logits)
   prefill_s = time.perf_counter() - started
 
@@ -97,18 +115,7 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
     rest = p[common:]
     forced[i, :rest.size] = rest
     has_forced[i, :rest.size] = True
-
-  @jax.jit
-  def pick(logits, key, forced, has_forced):
-    return jnp.where(has_forced, forced, sample(logits, key, temperature=temperature,
-                                                top_k=top_k, top_p=top_p))
-
-  def decode_one(params, token, position, cache):
-    model = nnx.merge(graphdef, params)
-    logits, cache = model.decode(token[:, None], positions=position[:, None], cache=cache)
-    return logits[:, 0], cache
-
-  step = jax.jit(decode_one, donate_argnums=3)
+  sampling = (float(temperature), top_k, None if top_p is None else float(top_p))
   key = jax.random.key(seed)
   out = [[] for _ in range(b)]
   done = np.zeros(b, bool)
@@ -117,15 +124,15 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
   n = 0
   for n in range(steps):
     key, sub = jax.random.split(key)
-    token = np.asarray(pick(logits, sub, forced[:, n], has_forced[:, n]))
+    token = np.asarray(_pick(logits, sub, forced[:, n], has_forced[:, n], sampling))
     for i in range(b):
       if not has_forced[i, n] and not done[i]:
         out[i].append(int(token[i]))
         done[i] = int(token[i]) in stop or len(out[i]) >= max_new_tokens
     if done.all() or n == steps - 1:
       break
-    logits, cache = step(params, jnp.asarray(token), jnp.full((b,), common + n, jnp.int32),
-                         cache)
+    logits, cache = _step(graphdef, params, jnp.asarray(token),
+                          jnp.full((b,), common + n, jnp.int32), cache)
   jax.block_until_ready(logits)
   return Generation(tokens=out, prefill_s=prefill_s, decode_s=time.perf_counter() - started,
                     decode_steps=n + 1, batch_size=b)
