@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
   out = pathlib.Path(args.run) / f"eval-{task}.json"
   out.write_text(json.dumps({"run": str(args.run), "step": step, "task": task, "rows": rows},
                             indent=1) + "\n")
-  print(f"| length | x train | RoPE | exact match | token accuracy |\n|---:|---:|---|---:|---:|")
+  print("| length | x train | RoPE | exact match | token accuracy |\n|---:|---:|---|---:|---:|")
   for r in rows:
     print(f"| {r['length']} | {r['multiple']:g} | {r['rope_scaling']} | "
           f"{r['exact_match']:.1%} | {r['token_accuracy']:.1%} |")

@@ -15,7 +15,6 @@ import signal
 
 import jax
 import numpy as np
-import optax
 from flax import nnx
 
 from lsm import parallel
