@@ -31,7 +31,7 @@ from lsm.train.step import Functional, init_train_state, make_train_step
 MODELS = {
     "quickstart": ["model.d_model=64", "model.num_layers=2", "model.num_heads=4",
                    "model.num_kv_heads=4", "model.mlp_dim=128"],
-    "25M": ["model.d_model=512", "model.num_layers=6", "model.num_heads=8",
+    "25M": ["model.d_model=512", "model.num_layers=8", "model.num_heads=8",
             "model.num_kv_heads=4", "model.mlp_dim=1536"],
 }
 VOCAB = 256
@@ -107,10 +107,10 @@ def run(args) -> dict:
       row["speedup"] = row["baseline"]["median_s"] / row["lsm"]["median_s"]
     rows.append(row)
     lsm = row["lsm"]
+    versus = f"{row['speedup']:.2f}x" if "speedup" in row else "- (baseline skipped)"
     print(f"train {model_name:>10} T={t:<5} B={batch:<3} "
           f"{lsm.get('tokens_per_s', 0):>9,.0f} tok/s  MFU {100 * lsm.get('mfu', 0):5.1f}%  "
-          f"vs reference attention {row.get('speedup', float('nan')):.2f}x   "
-          f"[{time.time() - started:.0f}s]", flush=True)
+          f"vs reference attention {versus}   [{time.time() - started:.0f}s]", flush=True)
   decode = []
   for batch in args.decode_batches:
     d = measure_decode(args.decode_model, batch, prompt=args.decode_prompt, new=args.decode_new)
