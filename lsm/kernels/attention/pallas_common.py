@@ -261,25 +261,6 @@ class Kernel:
 # ------------------------------------------------------------------------ wrapper helpers
 
 
-def backward_rows(out, d_out, lse, d_lse):
-  """Per row: the term ``delta - dlse`` of every score gradient, and lse with -inf -> +inf.
-
-  ``+inf`` makes ``exp(s - lse)`` exactly 0 on rows that saw nothing. Shapes [B, Hq, Tq].
-  """
-  delta = jnp.einsum("bthd,bthd->bht", d_out.astype(jnp.float32), out.astype(jnp.float32))
-  row = delta if d_lse is None else delta - d_lse.astype(jnp.float32)
-  return row, jnp.where(jnp.isfinite(lse), lse, jnp.inf).astype(jnp.float32)
-
-
-def sinks_grad(sinks, lse_safe, row_term):
-  """Gradient of the sink logits: the sink column has value 0, so its score gradient is
-  ``p_sink * (dlse - delta)``. ``lse_safe`` and ``row_term`` are [B, Hq, Tq]."""
-  if sinks is None:
-    return None
-  p_sink = jnp.exp(sinks.astype(row_term.dtype).reshape(1, -1, 1) - lse_safe)
-  return jnp.sum(-p_sink * row_term, axis=(0, 2)).astype(sinks.dtype)
-
-
 def padded(x, axis: int, length: int, value=0):
   """``x`` padded with ``value`` along ``axis`` to ``length``."""
   if x.shape[axis] == length:

@@ -20,6 +20,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from lsm.kernels.attention import pallas_common as pc
+from lsm.kernels.attention.backward import row_terms, sinks_grad
 from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.mask import Mask
 
@@ -260,7 +261,7 @@ def _backward(st: pc.KernelStatic, res, cotangents):
   q, k, v, tokens, (tq_p, tk_p, d_p, dv_p) = _prepared(st, q0, k0, v0, q_pos, kv_pos, q_seg,
                                                         kv_seg)
   has_seg = tokens[2] is not None
-  row_term, lse_safe = pc.backward_rows(out, d_out, lse, d_lse)
+  row_term, lse_safe = row_terms(out, d_out, lse, d_lse)
   do = pc.padded(pc.padded(d_out.astype(q.dtype), 1, tq_p), 3, dv_p)
   lse_p, row_p = pc.padded(lse_safe, 2, tq_p), pc.padded(row_term, 2, tq_p)
 
@@ -299,7 +300,7 @@ def _backward(st: pc.KernelStatic, res, cotangents):
       [pc.out_struct((b, tk_p, hkv, d_p), k0.dtype, q),
        pc.out_struct((b, tk_p, hkv, dv_p), v0.dtype, q)], d_p, "lsm_attention_dkv")
   return (dq[:, :tq, :, :d], dk[:, :tk, :, :d], dv_[:, :tk, :, :dv], None, None, None, None,
-          pc.sinks_grad(sinks, lse_safe, row_term), None, None)
+          sinks_grad(sinks, lse_safe, row_term), None, None)
 
 
 # ------------------------------------------------------------------------------------ wiring

@@ -19,6 +19,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from lsm.kernels.attention import pallas_common as pc
+from lsm.kernels.attention.backward import row_terms, sinks_grad
 from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.mask import Mask
 
@@ -296,7 +297,7 @@ def _backward(st: pc.KernelStatic, res, cotangents):
                                                           (q_pos, kv_pos, q_seg, kv_seg))
   q_pos, kv_pos, q_seg, kv_seg = tokens
   has_seg = q_seg is not None
-  row_term, lse_safe = pc.backward_rows(out, d_out, lse, d_lse)
+  row_term, lse_safe = row_terms(out, d_out, lse, d_lse)
   do5 = _heads_major(d_out.astype(q.dtype), hkv, tq_p, dv_p)
 
   # dq: the forward's grid and visit lists.
@@ -360,7 +361,7 @@ def _backward(st: pc.KernelStatic, res, cotangents):
   dq = _tokens_major(dq5, tq, d)
   dk = _tokens_major(dk4[:, :, None], tk, d)
   dv_ = _tokens_major(dv4[:, :, None], tk, dv)
-  return (dq, dk, dv_, None, None, None, None, pc.sinks_grad(sinks, lse_safe, row_term), None,
+  return (dq, dk, dv_, None, None, None, None, sinks_grad(sinks, lse_safe, row_term), None,
           None)
 
 

@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lsm.kernels.attention.backward import row_terms, sinks_grad
 from lsm.kernels.attention.blocks import BlockSizes, TokenBlocks, block_tables, visit_lists
 from lsm.kernels.attention.mask import Mask, allowed_pairs
 from lsm.kernels.attention.reference import accumulation_dtype
@@ -167,7 +168,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
 def _backward(st: _Static, res, cotangents):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
-  tq, hq = q.shape[1], q.shape[2]
+  tq = q.shape[1]
   tk, hkv = k.shape[1], k.shape[2]
   acc = accumulation_dtype(q.dtype)
   qt, kt = _token_blocks(st, q_pos, kv_pos, q_seg, kv_seg)
@@ -176,11 +177,7 @@ def _backward(st: _Static, res, cotangents):
   k_blocks = _blocks(k, st.bk, hkv)
   v_blocks = _blocks(v, st.bk, hkv)
 
-  # d(out)/ds and d(lse)/ds both run through the probabilities: ds = p * (dp - delta + dlse).
-  delta = jnp.einsum("bthd,bthd->bht", d_out.astype(acc), out.astype(acc))
-  d_lse = jnp.zeros_like(lse) if d_lse is None else d_lse.astype(acc)
-  row_term = delta - d_lse  # [B, Hq, Tq]
-  lse_safe = jnp.where(jnp.isfinite(lse), lse, jnp.inf).astype(acc)
+  row_term, lse_safe = row_terms(out, d_out, lse, d_lse, acc)  # [B, Hq, Tq]
 
   def stat_blocks(x_BHT):
     return _blocks(x_BHT.transpose(0, 2, 1)[..., None], st.bq, hkv)[..., 0]  # [nq, B, Hkv, R]
@@ -232,13 +229,7 @@ def _backward(st: _Static, res, cotangents):
   dk = _unblock(dk_blocks, tk, st.bk).astype(k.dtype)
   dv = _unblock(dv_blocks, tk, st.bk).astype(v.dtype)
 
-  d_sinks = None
-  if sinks is not None:
-    # The sink column has value 0, so its score gradient is p_sink * (dlse - delta).
-    sinks_H = sinks.astype(acc).reshape(1, hq, 1)
-    p_sink = jnp.exp(sinks_H - lse_safe)
-    d_sinks = jnp.sum(-p_sink * row_term, axis=(0, 2)).astype(sinks.dtype)
-  return dq, dk, dv, None, None, None, None, d_sinks
+  return dq, dk, dv, None, None, None, None, sinks_grad(sinks, lse_safe, row_term)
 
 
 # ------------------------------------------------------------------------------------ wiring
