@@ -16,7 +16,7 @@ from tests.data.solvers import SOLVERS
 TASKS = sorted(SYNTHETIC_TASKS)
 
 
-def _check_example(task, row, seq_len):
+def _assert_example_is_right(task, row, seq_len):
   assert set(row) == set(ROW_KEYS)
   for key, dtype in (("tokens", np.int32), ("loss_mask", np.float32),
                      ("segment_ids", np.int32), ("positions", np.int32)):
@@ -49,7 +49,7 @@ def test_answers_are_recoverable_from_the_sequence(task_name, seq_len):
   dataset = synthetic_dataset(task, seq_len=seq_len, seed=3, num_examples=20)
   assert len(dataset) == 20
   for row in dataset:
-    _check_example(task, row, seq_len)
+    _assert_example_is_right(task, row, seq_len)
 
 
 @st.composite
@@ -82,7 +82,7 @@ def _tasks(draw):
 def test_any_difficulty_gives_exact_length_and_a_recoverable_answer(task, extra, seed, index):
   seq_len = task.min_seq_len + extra
   row = synthetic_dataset(task, seq_len=seq_len, seed=seed)[index]
-  _check_example(task, row, seq_len)
+  _assert_example_is_right(task, row, seq_len)
 
 
 @pytest.mark.parametrize("task_name", TASKS)

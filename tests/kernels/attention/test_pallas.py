@@ -323,7 +323,7 @@ def _compiled_cases():
   ]
 
 
-def _run_compiled(implementation):
+def _assert_compiled_matches_reference(implementation):
   for name, shape, mask, opts in _compiled_cases():
     seed = seed_of("compiled", name)
     inputs = draw(seed, shape, sinks=opts.get("sinks", False))
@@ -340,9 +340,9 @@ def _run_compiled(implementation):
 
 @pytest.mark.gpu
 def test_compiled_gpu_kernel_matches_reference():
-  _run_compiled("pallas_gpu")
+  _assert_compiled_matches_reference("pallas_gpu")
 
 
 @pytest.mark.tpu
 def test_compiled_tpu_kernel_matches_reference():
-  _run_compiled("pallas_tpu")
+  _assert_compiled_matches_reference("pallas_tpu")

@@ -50,7 +50,7 @@ def cases(draw_):
           draw_(st.booleans()), draw_(st.integers(0, 2**32 - 1)))
 
 
-def _check_case(implementation, case):
+def _assert_case_matches_reference(implementation, case):
   shape, mask, (q_pos, kv_pos, q_seg, kv_seg), with_sinks, seed = case
   if mask.layout is not None and q_pos is None and kv_pos is None:
     bq, bk = mask.layout_block
@@ -74,7 +74,7 @@ def _check_case(implementation, case):
 @settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_xla_matches_reference(case):
-  _check_case("xla", case)
+  _assert_case_matches_reference("xla", case)
 
 
 # Interpreted kernels compile slowly: fewer examples, each still a fresh mask and layout.
@@ -83,4 +83,4 @@ def test_xla_matches_reference(case):
 @settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(case=cases())
 def test_kernels_match_reference(implementation, case):
-  _check_case(implementation, case)
+  _assert_case_matches_reference(implementation, case)
