@@ -54,7 +54,7 @@ def build_model(config: Config, vocab_size: int, seed: int) -> LM:
     return LM(config.model, vocab_size=vocab_size, rngs=nnx.Rngs(seed))
 
 
-def _shardings(config: Config, vocab_size: int, mesh, optimizer):
+def train_state_shardings(config: Config, vocab_size: int, mesh, optimizer):
   """(Functional, abstract train state with shardings, the state's shardings)."""
   abstract_model = nnx.eval_shape(lambda: build_model(config, vocab_size, config.train.seed))
   fn, _ = Functional.of(abstract_model)
@@ -125,7 +125,8 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
   total = config.train.steps
   optimizer = make_optimizer(config.optimizer, total)
   schedule = learning_rate_schedule(config.optimizer, total)
-  fn, abstract_state, state_shardings = _shardings(config, vocab_size, mesh, optimizer)
+  fn, abstract_state, state_shardings = train_state_shardings(config, vocab_size, mesh,
+                                                               optimizer)
 
   ckpt = None
   if config.checkpoint.enabled:

@@ -10,7 +10,7 @@ from lsm import data as lsm_data
 from lsm import parallel
 from lsm.config import Config, ConfigError, load_config
 from lsm.train.checkpoint import Checkpoints
-from lsm.train.loop import _shardings
+from lsm.train.loop import train_state_shardings
 from lsm.train.optim import make_optimizer
 
 
@@ -38,7 +38,8 @@ def load_run(run_dir, overrides: list[str] = ()):
                                                  *overrides])
   mesh = parallel.make_mesh(config.parallel.shape(jax.device_count()))
   optimizer = make_optimizer(config.optimizer, config.train.steps)
-  fn, abstract_state, _ = _shardings(config, vocab_size_of(config), mesh, optimizer)
+  fn, abstract_state, _ = train_state_shardings(config, vocab_size_of(config), mesh,
+                                                 optimizer)
   checkpoints = Checkpoints(run_dir / "checkpoints", every=1, keep=1, async_save=False)
   restored = checkpoints.restore_latest(abstract_state)
   checkpoints.close()

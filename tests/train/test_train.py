@@ -199,11 +199,12 @@ def test_tpu_config_is_consistent_on_an_emulated_mesh():
   """The ~1B / 32k config, built abstractly (no memory) and sharded FSDP over 8 devices: every
   large parameter and its Adam moments are split, and the train step lowers."""
   from lsm import parallel  # noqa: PLC0415
-  from lsm.train.loop import _shardings  # noqa: PLC0415
+  from lsm.train.loop import train_state_shardings  # noqa: PLC0415
   config = load_config("configs/tpu_1b_32k.yaml", ["parallel.fsdp=8"])
   mesh = parallel.make_mesh(config.parallel.shape(8))
   optimizer = make_optimizer(config.optimizer, config.train.steps)
-  fn, abstract_state, shardings = _shardings(config, config.model.vocab_size, mesh, optimizer)
+  fn, abstract_state, shardings = train_state_shardings(config, config.model.vocab_size, mesh,
+                                                        optimizer)
   n_params = sum(x.size for x in jax.tree.leaves(abstract_state["params"]))
   assert 0.8e9 < n_params < 1.3e9
   for x in jax.tree.leaves(abstract_state["params"]) + jax.tree.leaves(
@@ -218,3 +219,11 @@ def test_tpu_config_is_consistent_on_an_emulated_mesh():
                  out_shardings=(shardings, None))
   lowered = step.lower(abstract_state, batch)
   assert "while" in lowered.as_text()[:10**7]  # the scanned layers
+
+
+def test_profiler_window_writes_a_trace(tmp_path):
+  config = _config(tmp_path, "prof", "train.steps=3", "train.profile_steps=[1, 2]",
+                   "checkpoint.enabled=false")
+  train(config, devices=jax.devices()[:1])
+  traces = list((tmp_path / "prof" / "profile").rglob("*.xplane.pb"))
+  assert traces and traces[0].stat().st_size > 0
