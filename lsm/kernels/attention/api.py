@@ -12,7 +12,7 @@ from lsm.kernels.attention.mask import Mask
 from lsm.kernels.attention.reference import attention_reference
 from lsm.kernels.attention import pallas_common, pallas_gpu, pallas_tpu
 from lsm.kernels.attention.blocks import BlockSizes
-from lsm.kernels.attention.xla import attention_xla
+from lsm.kernels.attention.xla import attention_xla, xla_parts
 from lsm.log import log_once
 
 IMPLEMENTATIONS = ("reference", "xla", "pallas_tpu", "pallas_gpu")
@@ -121,6 +121,25 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
     out [B, Tq, Hq, Dv] in q's dtype, and ``lse`` [B, Hq, Tq] if ``return_lse``. Rows that see
     nothing get out 0 and lse -inf (with ``sinks``: lse = the sink logit).
   """
+  call = _normalised(q, k, v, mask=mask, q_positions=q_positions, kv_positions=kv_positions,
+                     q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks,
+                     scale=scale, logits_soft_cap=logits_soft_cap,
+                     implementation=implementation, block_sizes=block_sizes)
+  implementation, kwargs, block_sizes = call
+  if implementation == "reference":
+    out, lse = attention_reference(q, k, v, **kwargs)
+  elif implementation == "xla":
+    out, lse = attention_xla(q, k, v, block_sizes=block_sizes or BlockSizes(), **kwargs)
+  elif implementation == "pallas_tpu":
+    out, lse = pallas_tpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
+  else:
+    out, lse = pallas_gpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
+  return (out, lse) if return_lse else out
+
+
+def _normalised(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,
+                sinks, scale, logits_soft_cap, implementation, block_sizes):
+  """Checks every argument; returns (implementation, normalised keyword arguments, block_sizes)."""
   q_shape, k_shape, v_shape = _shape(q, "q"), _shape(k, "k"), _shape(v, "v")
   for name, shape in (("q", q_shape), ("k", k_shape), ("v", v_shape)):
     if len(shape) != 4:
@@ -198,12 +217,36 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   kwargs = dict(mask=mask, q_positions=q_positions, kv_positions=kv_positions,
                 q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=sinks,
                 scale=scale, logits_soft_cap=logits_soft_cap)
+  return implementation, kwargs, block_sizes
+
+
+def attention_parts(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positions=None,
+                    q_segment_ids=None, kv_segment_ids=None, scale=None, logits_soft_cap=None,
+                    implementation: str | None = None, block_sizes: BlockSizes | None = None):
+  """The forward and backward passes of one attention call, for callers that run their own
+  ``custom_vjp`` over several calls (ring attention: one call per hop, merged by lse).
+
+  Arguments are checked as `attention` checks them (shapes from ``q``, ``k``, ``v``; the
+  positions and ids only for their shapes — the returned functions take their own). Returns
+  ``(implementation, forward, backward)``:
+
+  - ``forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg) -> (out, lse)`` (no sinks: merge them in);
+  - ``backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse) -> (dq, dk, dv)``
+    with float32 (or float64) gradients. Given the *final* ``out`` and ``lse`` of the merged
+    attention, it returns this call's share of the gradients: the ring's backward sums them.
+
+  Positions and ids are [B, T] int32 (segment ids may be None). ``reference`` has no blockwise
+  backward and is refused.
+  """
+  implementation, kw, block_sizes = _normalised(
+      q, k, v, mask=mask, q_positions=q_positions, kv_positions=kv_positions,
+      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids, sinks=None, scale=scale,
+      logits_soft_cap=logits_soft_cap, implementation=implementation, block_sizes=block_sizes)
+  static = dict(mask=kw["mask"], scale=kw["scale"], logits_soft_cap=kw["logits_soft_cap"])
   if implementation == "reference":
-    out, lse = attention_reference(q, k, v, **kwargs)
-  elif implementation == "xla":
-    out, lse = attention_xla(q, k, v, block_sizes=block_sizes or BlockSizes(), **kwargs)
-  elif implementation == "pallas_tpu":
-    out, lse = pallas_tpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
-  else:
-    out, lse = pallas_gpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
-  return (out, lse) if return_lse else out
+    raise ValueError("attention_parts: implementation='reference' materialises the scores and has "
+                     "no blockwise backward; use 'xla', 'pallas_tpu' or 'pallas_gpu'")
+  if implementation == "xla":
+    return (implementation, *xla_parts(block_sizes=block_sizes or BlockSizes(), **static))
+  kernel = _KERNELS[implementation][0].KERNEL
+  return (implementation, *kernel.parts(block_sizes=block_sizes, **static))

@@ -238,13 +238,8 @@ class Kernel:
         return error
     return unsupported_layout_reason(mask, q_pos, kv_pos, q_seg, kv_seg, bq, bk)
 
-  def __call__(self, q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
-               kv_segment_ids, sinks, scale: float, logits_soft_cap,
-               block_sizes: BlockSizes | None, interpret=None):
-    """Arguments validated by `api.attention`; ``interpret`` None means "on CPU"."""
-    interpret = interpret_mode(self.name, interpret)
+  def _static(self, q, k, mask, tokens, scale, logits_soft_cap, block_sizes, interpret):
     groups = q.shape[2] // k.shape[2]
-    tokens = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
     reason = self.unsupported_reason(mask, *tokens, block_sizes, q.shape[1], k.shape[1],
                                      groups, interpret)
     if reason:
@@ -255,7 +250,38 @@ class Kernel:
                       cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq,
                       bk=bk, groups=groups, visits=rows.visits, visits_t=cols.visits,
                       interpret=interpret)
+    return st, rows, cols
+
+  def __call__(self, q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_ids,
+               kv_segment_ids, sinks, scale: float, logits_soft_cap,
+               block_sizes: BlockSizes | None, interpret=None):
+    """Arguments validated by `api.attention`; ``interpret`` None means "on CPU"."""
+    interpret = interpret_mode(self.name, interpret)
+    tokens = (q_positions, kv_positions, q_segment_ids, kv_segment_ids)
+    st, rows, cols = self._static(q, k, mask, tokens, scale, logits_soft_cap, block_sizes,
+                                  interpret)
     return self.op(st, q, k, v, *tokens, sinks, rows, cols)
+
+  def parts(self, *, mask: Mask, scale: float, logits_soft_cap, block_sizes: BlockSizes | None,
+            interpret=None):
+    """(forward, backward) of `api.attention_parts`: no custom_vjp, no sinks; the visit plan is
+    made per call from that call's positions."""
+    interpret = interpret_mode(self.name, interpret)
+
+    def forward(q, k, v, *tokens):
+      st, rows, cols = self._static(q, k, mask, tokens, scale, logits_soft_cap, block_sizes,
+                                    interpret)
+      return self.forward(st, q, k, v, *tokens, None, rows, cols)
+
+    def backward(q, k, v, *args):
+      tokens, (out, lse, d_out, d_lse) = args[:4], args[4:]
+      st, rows, cols = self._static(q, k, mask, tokens, scale, logits_soft_cap, block_sizes,
+                                    interpret)
+      res = (q, k, v, *tokens, None, rows, cols, out.astype(q.dtype), lse)
+      grads = self.backward(st, res, (d_out.astype(q.dtype), d_lse))[:3]
+      return tuple(g.astype(jnp.promote_types(g.dtype, jnp.float32)) for g in grads)
+
+    return forward, backward
 
 
 # ------------------------------------------------------------------------ wrapper helpers

@@ -165,7 +165,7 @@ def _forward(st: _Static, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
 # ------------------------------------------------------------------------------------ backward
 
 
-def _backward(st: _Static, res, cotangents):
+def _backward(st: _Static, res, cotangents, keep_accumulation_dtype: bool = False):
   q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks, out, lse = res
   d_out, d_lse = cotangents
   tq = q.shape[1]
@@ -225,9 +225,11 @@ def _backward(st: _Static, res, cotangents):
 
   dq_all = jnp.zeros(q_blocks.shape, acc)
   dq_all, (dk_blocks, dv_blocks) = lax.scan(one_kv_block, dq_all, jnp.arange(nk))
-  dq = (_unblock(dq_all, tq, st.bq) * st.scale).astype(q.dtype)
-  dk = _unblock(dk_blocks, tk, st.bk).astype(k.dtype)
-  dv = _unblock(dv_blocks, tk, st.bk).astype(v.dtype)
+  dq = _unblock(dq_all, tq, st.bq) * st.scale
+  dk = _unblock(dk_blocks, tk, st.bk)
+  dv = _unblock(dv_blocks, tk, st.bk)
+  if not keep_accumulation_dtype:
+    dq, dk, dv = dq.astype(q.dtype), dk.astype(k.dtype), dv.astype(v.dtype)
 
   return dq, dk, dv, None, None, None, None, sinks_grad(sinks, lse_safe, row_term)
 
@@ -255,3 +257,21 @@ def attention_xla(q, k, v, *, mask: Mask, q_positions, kv_positions, q_segment_i
   st = _Static(mask=mask, scale=float(scale),
                cap=None if logits_soft_cap is None else float(logits_soft_cap), bq=bq, bk=bk)
   return _attention(st, q, k, v, q_positions, kv_positions, q_segment_ids, kv_segment_ids, sinks)
+
+
+def xla_parts(*, mask: Mask, scale: float, logits_soft_cap, block_sizes: BlockSizes):
+  """(forward, backward) of `attention_parts`: no custom_vjp, gradients in float32 (float64)."""
+  cap = None if logits_soft_cap is None else float(logits_soft_cap)
+
+  def static(q, k):
+    bq, bk = block_sizes.clipped(q.shape[1], k.shape[1])
+    return _Static(mask=mask, scale=float(scale), cap=cap, bq=bq, bk=bk)
+
+  def forward(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
+    return _forward(static(q, k), q, k, v, q_pos, kv_pos, q_seg, kv_seg, None)
+
+  def backward(q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse, d_out, d_lse):
+    res = (q, k, v, q_pos, kv_pos, q_seg, kv_seg, None, out, lse)
+    return _backward(static(q, k), res, (d_out, d_lse), keep_accumulation_dtype=True)[:3]
+
+  return forward, backward
