@@ -263,7 +263,7 @@ def test_errors_name_the_argument():
     context_attention(q, k, v, mesh=mesh, strategy="hybrid")
   with pytest.raises(ValueError, match="needs a blockwise implementation"):
     context_attention(q, k, v, mesh=mesh, strategy="ring", implementation="reference")
-  with pytest.raises(ValueError, match="Hq=4 must be a multiple"):
+  with pytest.raises(ValueError, match="Hq=3 must be a multiple"):
     context_attention(q[:, :, :3], k, v, mesh=mesh, strategy="ring")
   with pytest.raises(ValueError, match="no[n]?e is set|needs a mesh"):
     context_attention(q, k, v, strategy="ring")
