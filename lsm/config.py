@@ -34,12 +34,20 @@ class RopeConfig(_Section):
   original_length: int | None = Field(None, gt=0)
 
 
+class ContextParallelConfig(_Section):
+  """How attention runs when ``parallel.sequence > 1`` (see `lsm.parallel.context_attention`)."""
+
+  strategy: Literal["auto", "ring", "all_gather", "ulysses"] = "auto"
+  layout: Literal["contiguous", "zigzag", "striped"] = "zigzag"
+
+
 class AttentionConfig(_Section):
   window: int | None = Field(None, ge=1)
   sink_tokens: int | None = Field(None, ge=0)
   logits_soft_cap: float | None = Field(None, gt=0)
   implementation: Literal["reference", "xla", "pallas_tpu", "pallas_gpu"] | None = None
   qk_norm: bool = False
+  context_parallel: ContextParallelConfig = ContextParallelConfig()
 
 
 class ModelConfig(_Section):
@@ -199,6 +207,19 @@ class Config(_Section):
     if self.data.seq_len % self.parallel.sequence:
       raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by "
                        f"parallel.sequence={self.parallel.sequence}")
+    cp = self.model.attention.context_parallel
+    if self.parallel.sequence > 1:
+      if cp.layout == "zigzag" and self.data.seq_len % (2 * self.parallel.sequence):
+        raise ValueError(f"data.seq_len={self.data.seq_len} must be divisible by "
+                         f"2 * parallel.sequence={2 * self.parallel.sequence} for "
+                         f"model.attention.context_parallel.layout=zigzag")
+      heads = (self.model.num_heads, self.model.num_kv_heads)
+      if cp.strategy == "ulysses" and any(h % (self.parallel.sequence * self.parallel.tensor)
+                                          for h in heads):
+        raise ValueError(f"model.attention.context_parallel.strategy=ulysses needs "
+                         f"model.num_heads={heads[0]} and model.num_kv_heads={heads[1]} "
+                         f"divisible by parallel.sequence x parallel.tensor = "
+                         f"{self.parallel.sequence * self.parallel.tensor}")
     if self.data.batch_size % self.train.grad_accum:
       raise ValueError(f"data.batch_size={self.data.batch_size} must be divisible by "
                        f"train.grad_accum={self.train.grad_accum}")

@@ -19,6 +19,9 @@ from lsm.layers.kv_cache import DenseKVCache, RingKVCache
 from lsm.layers.norms import RMSNorm
 from lsm.layers.params import logical_param
 from lsm.layers.rope import RopeScaling, apply_rope
+from lsm.parallel.context import ContextParallel, context_attention
+from lsm.parallel.decode import shard_cache, sharded_cache_attention
+from lsm.parallel.layout import permutation
 
 KVCache = DenseKVCache | RingKVCache
 
@@ -37,6 +40,10 @@ class Attention(nnx.Module):
     logits_soft_cap: scores become ``cap * tanh(s / cap)``.
     implementation: passed to the attention op (None: its default for the backend).
     qk_norm: RMSNorm over head_dim of q and k before RoPE.
+    context_parallel: a `ContextParallel`: when the current mesh (``jax.set_mesh``) shards its
+      axis over several devices, training attention runs `context_attention` (the tokens must
+      then be in its layout, with their true positions) and a dense cache is sharded over the
+      axis (`sharded_cache_attention`). None: the plain op, whatever the mesh.
     dtype: compute dtype; param_dtype: parameter dtype.
   """
 
@@ -44,8 +51,8 @@ class Attention(nnx.Module):
                *, window: int | None = None, sink_tokens: int | None = None,
                rope_base: float = 10000.0, rope_scaling: RopeScaling = RopeScaling(),
                logits_soft_cap: float | None = None, implementation: str | None = None,
-               qk_norm: bool = False, rngs: nnx.Rngs, dtype=jnp.float32,
-               param_dtype=jnp.float32):
+               qk_norm: bool = False, context_parallel: ContextParallel | None = None,
+               rngs: nnx.Rngs, dtype=jnp.float32, param_dtype=jnp.float32):
     self.d_model = checks.positive_int("Attention", "d_model", d_model)
     self.num_heads = checks.positive_int("Attention", "num_heads", num_heads)
     self.num_kv_heads = checks.positive_int("Attention", "num_kv_heads", num_kv_heads)
@@ -81,6 +88,10 @@ class Attention(nnx.Module):
       raise ValueError(f"Attention: implementation must be one of {IMPLEMENTATIONS} or None, "
                        f"got {implementation!r}")
     self.implementation = implementation
+    if context_parallel is not None and not isinstance(context_parallel, ContextParallel):
+      raise TypeError(f"Attention: context_parallel must be a ContextParallel or None, got "
+                      f"{type(context_parallel).__name__}")
+    self.context_parallel = context_parallel
     self.dtype = checks.float_dtype("Attention", "dtype", dtype)
     param_dtype = checks.float_dtype("Attention", "param_dtype", param_dtype)
     self.mask = Mask(causal=True, window=None if window is None else (self.window, 0),
@@ -112,7 +123,10 @@ class Attention(nnx.Module):
     dtype = self.dtype if dtype is None else dtype
     max_length = checks.positive_int("Attention.init_cache", "max_length", max_length)
     if self.window is None:
-      return DenseKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+      cache = DenseKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
+      if self._shards() > 1 and max_length % self._shards() == 0:
+        cache = shard_cache(cache, axis=self.context_parallel.axis)
+      return cache
     return RingKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
                               window=self.window, sink_tokens=self.sink_tokens)
 
@@ -137,6 +151,10 @@ class Attention(nnx.Module):
       if segment_ids is None:
         segment_ids = np.zeros((b, t), np.int32)
 
+    shards = self._shards()
+    if positions is None and cache is None and shards > 1:
+      # Tokens sharded over the sequence axis are in the layout's order.
+      positions = np.broadcast_to(permutation(t, shards, self.context_parallel.layout), (b, t))
     rope_positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
     x_BTD = x_BTD.astype(self.dtype)
     q_BTHK, k_BTGK, v_BTGK = (
@@ -147,6 +165,20 @@ class Attention(nnx.Module):
     q_BTHK, k_BTGK = (apply_rope(z, rope_positions, base=self.rope_base,
                                  scaling=self.rope_scaling) for z in (q_BTHK, k_BTGK))
 
+    common = dict(mask=self.mask, logits_soft_cap=self.logits_soft_cap,
+                  implementation=self.implementation)
+    if cache is None and shards > 1:
+      cp = self.context_parallel
+      out_BTHK = context_attention(q_BTHK, k_BTGK, v_BTGK, strategy=cp.strategy, axis=cp.axis,
+                                   layout=cp.layout, q_positions=positions,
+                                   kv_positions=positions, q_segment_ids=segment_ids,
+                                   kv_segment_ids=segment_ids, **common)
+      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
+    if isinstance(cache, DenseKVCache) and shards > 1 and cache.max_length % shards == 0:
+      out_BTHK, cache = sharded_cache_attention(
+          q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, cache, axis=self.context_parallel.axis,
+          **common)
+      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype)), cache
     if cache is None:
       kv_positions, kv_segment_ids = positions, segment_ids
     else:
@@ -159,6 +191,9 @@ class Attention(nnx.Module):
                          implementation=self.implementation)
     y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
     return y_BTD if cache is None else (y_BTD, cache)
+
+  def _shards(self) -> int:
+    return 1 if self.context_parallel is None else self.context_parallel.shards()
 
   def _check_cache(self, cache, batch_size: int):
     if not isinstance(cache, (DenseKVCache, RingKVCache)):

@@ -15,6 +15,9 @@ from flax import nnx
 
 from lsm import layers
 from lsm.models.registry import check_layer_pattern, make_mixer
+from lsm.parallel.context import ContextParallel
+from lsm.parallel.layout import layout_multiple, permutation
+from lsm.parallel.mesh import activation_spec
 
 _REMAT = {
     "full": jax.checkpoint_policies.nothing_saveable,
@@ -63,6 +66,8 @@ class LM(nnx.Module):
                        f"got {vocab_size!r}")
     check_layer_pattern(config.layer_pattern)
     self.remat = config.remat
+    cp = config.attention.context_parallel
+    self.context_parallel = ContextParallel(strategy=cp.strategy, layout=cp.layout)
     self.vocab_size = vocab_size
     self.repeats = config.num_layers // len(config.layer_pattern)
     kw = dict(rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
@@ -102,9 +107,33 @@ class LM(nnx.Module):
                     transform_metadata=_STACK)
     return scan(x, self.blocks, positions, segment_ids, caches)
 
+  def token_layout(self, length: int) -> tuple[str, int]:
+    """(layout, devices) the tokens of a training batch must be in: under a mesh that shards
+    ``sequence`` over P > 1 devices, the context-parallel layout; else contiguous over 1."""
+    shards = self.context_parallel.shards()
+    if shards == 1:
+      return "contiguous", 1
+    layout = self.context_parallel.layout
+    if length % layout_multiple(layout, shards):
+      raise ValueError(f"LM: a sequence of {length} tokens cannot be laid out {layout!r} over "
+                       f"{shards} devices; it must be a multiple of "
+                       f"{layout_multiple(layout, shards)}")
+    return layout, shards
+
   def __call__(self, tokens, *, positions=None, segment_ids=None):
+    """Logits of ``tokens [B, T]``. Under context parallelism (see `token_layout`) the tokens are
+    in the layout's order; ``positions`` default to the layout's."""
+    if positions is None and tokens.ndim == 2:
+      layout, shards = self.token_layout(tokens.shape[1])
+      if shards > 1:
+        positions = jnp.broadcast_to(jnp.asarray(permutation(tokens.shape[1], shards, layout)),
+                                     tokens.shape)
     positions, segment_ids = _tokens_meta(tokens, positions, segment_ids)
     x = self.embed(tokens)
+    if self.context_parallel.shards() > 1:
+      # Activations sharded over the sequence from the start (the batch may arrive replicated).
+      mesh = jax.sharding.get_abstract_mesh()
+      x = jax.lax.with_sharding_constraint(x, activation_spec(mesh, x.shape))
     x, _ = self._run_blocks(x, positions, segment_ids, None)
     return self._logits(x)
 

@@ -18,6 +18,7 @@ from collections.abc import Callable
 from flax import nnx
 
 from lsm import layers
+from lsm.parallel.context import ContextParallel
 
 _MIXERS: dict[str, Callable] = {}
 
@@ -63,4 +64,6 @@ def _attention(config, rngs):
       rope_scaling=layers.RopeScaling(kind=rope.scaling, factor=rope.factor,
                                       original_length=rope.original_length),
       logits_soft_cap=att.logits_soft_cap, implementation=att.implementation,
-      qk_norm=att.qk_norm, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+      qk_norm=att.qk_norm, rngs=rngs,
+      context_parallel=ContextParallel(strategy=att.context_parallel.strategy,
+                                       layout=att.context_parallel.layout), dtype=config.dtype, param_dtype=config.param_dtype)

@@ -353,6 +353,35 @@ def _body(call: _Call, q, k, v, q_pos, kv_pos, q_seg, kv_seg, sinks):
   return out.astype(dtype), lse
 
 
+# --------------------------------------------------------------------------------- layer setting
+
+
+@dataclasses.dataclass(frozen=True)
+class ContextParallel:
+  """How a layer shards its attention over the sequence when the current mesh (``jax.set_mesh``)
+  has ``axis`` with more than one device; otherwise the layer runs the plain op."""
+
+  strategy: str = "auto"
+  layout: str = "zigzag"
+  axis: str = "sequence"
+
+  def __post_init__(self):
+    if self.strategy not in STRATEGIES or self.strategy == "hybrid":
+      allowed = tuple(s for s in STRATEGIES if s != "hybrid")
+      raise ValueError(f"ContextParallel: strategy must be one of {allowed} (hybrid needs two "
+                       f"sequence axes; call context_attention for it), got {self.strategy!r}")
+    check_layout(self.layout, "ContextParallel")
+    if not isinstance(self.axis, str):
+      raise TypeError(f"ContextParallel: axis must be a mesh axis name, got {self.axis!r}")
+
+  def shards(self) -> int:
+    """Devices on ``axis`` in the current mesh (1 when there is no mesh or no such axis)."""
+    mesh = jax.sharding.get_abstract_mesh()
+    if mesh is None or self.axis not in (mesh.axis_names or ()):
+      return 1
+    return int(mesh.shape[self.axis])
+
+
 # --------------------------------------------------------------------------------- entry point
 
 

@@ -79,11 +79,21 @@ def state_shardings(state, mesh: jax.sharding.Mesh):
                                           is_leaf=lambda x: isinstance(x, nnx.Variable))
 
 
-def data_sharding(mesh: jax.sharding.Mesh, ndim: int = 2) -> NamedSharding:
-  """[batch, length, ...] arrays: batch over data x fsdp, length over sequence."""
+def data_sharding(mesh: jax.sharding.Mesh, ndim: int = 2, length: int | None = None
+                  ) -> NamedSharding:
+  """[batch, length, ...] arrays: batch over data x fsdp, length over sequence — unless
+  ``length`` is given and the sequence axis does not divide it (training batches hold T + 1
+  tokens): then the length is replicated and the model shards its activations itself."""
   batch = tuple(a for a in RULES["batch"] if mesh.shape[a] > 1) or None
-  length = tuple(a for a in RULES["length"] if mesh.shape[a] > 1) or None
-  return NamedSharding(mesh, PartitionSpec(batch, length, *([None] * (ndim - 2))))
+  seq = tuple(a for a in RULES["length"] if mesh.shape[a] > 1) or None
+  if seq and length is not None and length % math.prod(mesh.shape[a] for a in seq):
+    seq = None
+  return NamedSharding(mesh, PartitionSpec(batch, seq, *([None] * (ndim - 2))))
+
+
+def activation_spec(mesh, shape, names=("batch", "length", None)) -> PartitionSpec:
+  """The PartitionSpec of an activation with logical ``names`` under ``mesh`` (abstract too)."""
+  return logical_to_spec(names, shape, mesh, what="activation")
 
 
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
@@ -95,6 +105,6 @@ def host_batch_to_global(batch: dict, mesh: jax.sharding.Mesh) -> dict:
   out = {}
   for key, value in batch.items():
     value = np.asarray(value)
-    sharding = data_sharding(mesh, value.ndim)
+    sharding = data_sharding(mesh, value.ndim, value.shape[1] if value.ndim > 1 else None)
     out[key] = jax.make_array_from_process_local_data(sharding, value)
   return out

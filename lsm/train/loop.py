@@ -118,6 +118,12 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
   check_layer_pattern_or_raise(config)
   devices = jax.devices() if devices is None else list(devices)
   mesh = parallel.make_mesh(config.parallel.shape(len(devices)), devices)
+  # Layers find the mesh (context parallelism over its `sequence` axis) with get_abstract_mesh.
+  with jax.set_mesh(mesh):
+    return _train(config, mesh, max_steps_this_run)
+
+
+def _train(config: Config, mesh, max_steps_this_run) -> RunResult:
   out_dir = config.output_dir
   data = train_data.build(config, shard_index=jax.process_index(),
                           shard_count=jax.process_count())
@@ -159,7 +165,7 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
         f"{config.data.batch_size} x {config.data.seq_len} tokens per update, "
         f"{total} updates; logs in {out_dir}", flush=True)
 
-  batch_sharding = parallel.data_sharding(mesh)
+  batch_sharding = parallel.data_sharding(mesh, 2, config.data.seq_len + 1)
   step_fn = jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
                     in_shardings=(state_shardings, batch_sharding),
                     out_shardings=(state_shardings, None), donate_argnums=0)

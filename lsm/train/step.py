@@ -17,6 +17,8 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
+from lsm.parallel.layout import to_layout
+
 
 @dataclasses.dataclass(frozen=True)
 class Functional:
@@ -49,6 +51,11 @@ def shifted(batch: dict):
 def loss_sums(model: nnx.Module, batch: dict):
   """(sum of weighted NLL, sum of weights, weighted correct argmax, per-row all-correct)."""
   inputs, targets, weights, positions, segment_ids = shifted(batch)
+  # Context parallelism: every per-token array goes into the token layout together (sums over
+  # tokens do not change; the model sees true positions).
+  layout, shards = model.token_layout(inputs.shape[1])
+  inputs, targets, weights, positions, segment_ids = to_layout(
+      (inputs, targets, weights, positions, segment_ids), shards, layout)
   logits = model(inputs, positions=positions, segment_ids=segment_ids)
   logp = jax.nn.log_softmax(logits, axis=-1)
   nll = -jnp.take_along_axis(logp, targets[..., None], axis=-1)[..., 0]
