@@ -118,12 +118,6 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
   check_layer_pattern_or_raise(config)
   devices = jax.devices() if devices is None else list(devices)
   mesh = parallel.make_mesh(config.parallel.shape(len(devices)), devices)
-  # Layers find the mesh (context parallelism over its `sequence` axis) with get_abstract_mesh.
-  with jax.set_mesh(mesh):
-    return _train(config, mesh, max_steps_this_run)
-
-
-def _train(config: Config, mesh, max_steps_this_run) -> RunResult:
   out_dir = config.output_dir
   data = train_data.build(config, shard_index=jax.process_index(),
                           shard_count=jax.process_count())
@@ -166,10 +160,11 @@ def _train(config: Config, mesh, max_steps_this_run) -> RunResult:
         f"{total} updates; logs in {out_dir}", flush=True)
 
   batch_sharding = parallel.data_sharding(mesh, 2, config.data.seq_len + 1)
-  step_fn = jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
-                    in_shardings=(state_shardings, batch_sharding),
-                    out_shardings=(state_shardings, None), donate_argnums=0)
-  eval_fn = jax.jit(make_eval_step(fn), in_shardings=(state_shardings["params"], batch_sharding))
+  step_fn = in_mesh(mesh, jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
+                                  in_shardings=(state_shardings, batch_sharding),
+                                  out_shardings=(state_shardings, None), donate_argnums=0))
+  eval_fn = in_mesh(mesh, jax.jit(make_eval_step(fn),
+                                  in_shardings=(state_shardings["params"], batch_sharding)))
 
   preempted = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
@@ -231,6 +226,18 @@ def _train(config: Config, mesh, max_steps_this_run) -> RunResult:
         flush=True)
   return RunResult(step=step, checkpoint_dir=str(where), log_file=str(reporter.jsonl),
                    final_eval=final_eval, preempted=preempted["flag"])
+
+
+def in_mesh(mesh, fn):
+  """``fn`` called with ``mesh`` set (``jax.set_mesh``): layers find it with
+  ``get_abstract_mesh`` (context parallelism over its ``sequence`` axis). Model construction
+  stays outside: nnx would read the logical axis names as mesh axes."""
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
 
 
 def check_layer_pattern_or_raise(config: Config) -> None:

@@ -66,18 +66,28 @@ def test_gradient_accumulation_equals_one_big_batch():
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-7)
 
 
-def test_sharded_run_matches_one_device(tmp_path):
-  """data=2 x fsdp=2 x tensor=2 on 8 emulated devices: the same losses as one device."""
-  steps = ["train.steps=4", "checkpoint.enabled=false"]
+@pytest.mark.parametrize("axes", [
+    ["parallel.data=2", "parallel.fsdp=2", "parallel.tensor=2"],
+    ["parallel.data=2", "parallel.sequence=2", "parallel.tensor=2"],  # ring attention, zigzag
+])
+def test_sharded_run_matches_one_device(tmp_path, axes):
+  """data x fsdp x tensor, or data x sequence x tensor, on 8 emulated devices: the same losses
+  (train and eval) as one device."""
+  steps = ["train.steps=4", "checkpoint.enabled=false", "train.eval_every=2",
+           "model.attention.implementation=xla"]
   one = _config(tmp_path, "one", *steps, "parallel.data=1")
   train(one, devices=jax.devices()[:1])
-  mesh = _config(tmp_path, "mesh", *steps, "parallel.data=2", "parallel.fsdp=2",
-                 "parallel.tensor=2")
+  mesh = _config(tmp_path, "mesh", *steps, *axes)
   train(mesh)
   a, b = _losses(tmp_path / "one"), _losses(tmp_path / "mesh")
   assert sorted(a) == sorted(b) == [1, 2, 3, 4]
   for step in a:
     assert abs(a[step] - b[step]) <= 1e-5 * abs(a[step]), (step, a[step], b[step])
+  evals = [[json.loads(line) for line in (tmp_path / run / "metrics.jsonl").read_text()
+            .splitlines() if json.loads(line)["kind"] == "eval"] for run in ("one", "mesh")]
+  assert len(evals[0]) == len(evals[1]) >= 2
+  for x, y in zip(*evals):
+    assert abs(x["loss"] - y["loss"]) <= 1e-5 * abs(x["loss"]), (x, y)
 
 
 def _subprocess_env():
