@@ -35,12 +35,14 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--examples", type=int, help="examples per length (default eval.examples)")
   parser.add_argument("--rope-scaling", choices=["none", "linear", "ntk", "yarn"],
                       help="RoPE scaling past the training length (default eval.rope_scaling)")
+  parser.add_argument("overrides", nargs="*", metavar="key=value",
+                      help="config changes, e.g. parallel.sequence=8 (context parallelism)")
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="# %(message)s")
   from lsm.eval import evaluate_lengths  # noqa: PLC0415 — jax after argument parsing
-  from lsm.train.restore import load_run  # noqa: PLC0415
+  from lsm.train.restore import load_run, mesh_of  # noqa: PLC0415
   try:
-    model, config, step = load_run(args.run)
+    model, config, step = load_run(args.run, args.overrides)
     task = args.task or config.data.task
     if task == "text":
       raise ConfigError("--task: the run trained on text; give a synthetic --task to evaluate")
@@ -49,10 +51,10 @@ def main(argv: list[str]) -> int:
     examples = args.examples or config.eval.examples
     rope = args.rope_scaling or config.eval.rope_scaling
     print(f"# evaluating {args.run} (step {step}) on {task}, {examples} examples per length")
-    rows = evaluate_lengths(lambda overrides: load_run(args.run, overrides)[0], config,
-                            task=task, lengths=lengths, examples=examples,
-                            batch_size=config.eval.batch_size, rope_scaling=rope,
-                            seed=config.data.seed)
+    rows = evaluate_lengths(
+        lambda overrides: load_run(args.run, [*args.overrides, *overrides])[0], config,
+        task=task, lengths=lengths, examples=examples, batch_size=config.eval.batch_size,
+        rope_scaling=rope, seed=config.data.seed, mesh=mesh_of(config))
   except ConfigError as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -25,7 +25,8 @@ def main(argv: list[str]) -> int:
   logging.basicConfig(level=logging.WARNING, format="# %(message)s")
   from lsm import data as lsm_data  # noqa: PLC0415 — jax after argument parsing
   from lsm.decode import generate  # noqa: PLC0415
-  from lsm.train.restore import load_run  # noqa: PLC0415
+  from lsm.train.restore import load_run, mesh_of  # noqa: PLC0415
+  import jax  # noqa: PLC0415
   try:
     model, config, step = load_run(args.run, args.overrides)
     text = config.data.task == "text"
@@ -42,9 +43,11 @@ def main(argv: list[str]) -> int:
         raise ConfigError("--prompt: a synthetic-task run takes space-separated token ids")
     d = config.decode
     stops = list(d.stop_tokens) or ([tokenizer.eos_id] if text and tokenizer.eos_id else [])
-    result = generate(model, prompts, max_new_tokens=d.max_new_tokens, temperature=d.temperature,
-                      top_k=d.top_k, top_p=d.top_p, stop_tokens=stops,
-                      prefill_chunk=d.prefill_chunk, max_length=d.max_length, seed=args.seed)
+    with jax.set_mesh(mesh_of(config)):  # parallel.sequence=N shards the KV caches
+      result = generate(model, prompts, max_new_tokens=d.max_new_tokens,
+                        temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
+                        stop_tokens=stops, prefill_chunk=d.prefill_chunk,
+                        max_length=d.max_length, seed=args.seed)
   except (ConfigError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

@@ -30,6 +30,20 @@ def test_train_then_evaluate_then_generate(tmp_path, capsys):
   out = capsys.readouterr().out
   assert out.count("--- ") == 2 and "tokens/s" in out
   assert jax.device_count() == 8
+  # Context parallelism at evaluation and generation: the same answers with the sequence (and
+  # the KV caches) sharded over 8 devices.
+  assert evaluate_cli.main(["--run", str(run), "--lengths", "32,64", "--examples", "8",
+                            "parallel.data=1", "parallel.sequence=8",
+                            "model.attention.context_parallel.layout=contiguous"]) == 0
+  capsys.readouterr()
+  sharded = json.loads((run / "eval-passkey.json").read_text())["rows"]
+  for a, b in zip(rows, sharded):
+    assert abs(a["loss"] - b["loss"]) <= 1e-5 * abs(a["loss"]) and a["exact_match"] == b[
+        "exact_match"]
+  assert generate_cli.main(["--run", str(run), "--prompt", "1 2 3", "--prompt", "1 5",
+                            "decode.max_new_tokens=3", "decode.max_length=16",
+                            "parallel.data=1", "parallel.sequence=8"]) == 0
+  assert capsys.readouterr().out.split("# step")[0] == out.split("# step")[0]
 
 
 def test_errors_exit_2_with_the_key_named(tmp_path, capsys):

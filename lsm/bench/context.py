@@ -496,6 +496,10 @@ def _checks(result):
 # --------------------------------------------------------------------------------- output
 
 
+def _counts(measured: dict) -> str:
+  return ", ".join(f"{n}× {op}" for op, n in measured["counts"].items())
+
+
 def markdown(result: dict) -> str:
   m, fb = result["machine"], common.fmt_bytes
   p = result["shards"]
@@ -531,8 +535,7 @@ def markdown(result: dict) -> str:
             "| strategy | mode | collectives in the HLO | HLO bytes | formula | formula bytes |",
             "|---|---|---|---:|---|---:|"]
   for r in c["rows"]:
-    counts = ", ".join(f"{n}× {op}" for op, n in r["measured"]["counts"].items())
-    lines.append(f"| {r['strategy']} | {r['mode']} | {counts} | "
+    lines.append(f"| {r['strategy']} | {r['mode']} | {_counts(r['measured'])} | "
                  f"{fb(r['measured']['bytes_sent_per_device'])} | {r['formula']} | "
                  f"{fb(r['formula_bytes'])} |")
   lines += ["", "**Wall time** of fwd+bwd (executed; medians after warm-up, compile excluded; "
@@ -563,8 +566,8 @@ def markdown(result: dict) -> str:
                 f"{ds['dtype']}; local attention, then a max and two sums of the float32 partials"
                 "; compile only):", "",
             "| per generated token | bytes |", "|---|---:|",
-            f"| lse merge, all-reduce payload in the HLO ({', '.join(f'{n}× {op}' for op, n in d['measured']['counts'].items())}) "
-            f"| {d['measured']['payload_bytes']:,} |",
+            f"| lse merge, all-reduce payload in the HLO ({_counts(d['measured'])}) | "
+            f"{d['measured']['payload_bytes']:,} |",
             f"| lse merge, formula B·Hq·Dv·4 + 2·B·Hq·4 | {d['formula_payload_bytes']:,} |",
             f"| lse merge, sent per device (ring all-reduce, 2(P-1)/P × payload) | "
             f"{d['measured']['bytes_sent_per_device']:,.0f} |",

@@ -7,15 +7,17 @@ from __future__ import annotations
 import jax
 import numpy as np
 
+from lsm.parallel import in_mesh
 from lsm.train.data import synthetic_eval_batches
 from lsm.train.step import Functional, loss_sums
 
 
 def evaluate_lengths(load, config, *, task: str, lengths: list[int], examples: int,
                      batch_size: int, rope_scaling: str, seed: int = 0,
-                     progress=print) -> list[dict]:
+                     progress=print, mesh=None) -> list[dict]:
   """One row per length: ``load(overrides) -> model`` builds the model with a config override
-  (the RoPE scaling for lengths past training); lengths <= training length use it unchanged."""
+  (the RoPE scaling for lengths past training); lengths <= training length use it unchanged.
+  ``mesh``: evaluated with it set (context parallelism when it has a ``sequence`` axis)."""
   train_len = config.data.seq_len
   rows = []
   for length in lengths:
@@ -29,6 +31,9 @@ def evaluate_lengths(load, config, *, task: str, lengths: list[int], examples: i
     @jax.jit
     def sums(params, batch):
       return loss_sums(fn.module(params), batch)
+
+    if mesh is not None:
+      sums = in_mesh(mesh, sums)
 
     totals = np.zeros(4)
     for batch in synthetic_eval_batches(task, seq_len=length, seed=seed, examples=examples,

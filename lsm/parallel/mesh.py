@@ -96,6 +96,18 @@ def activation_spec(mesh, shape, names=("batch", "length", None)) -> PartitionSp
   return logical_to_spec(names, shape, mesh, what="activation")
 
 
+def in_mesh(mesh, fn):
+  """``fn`` called with ``mesh`` set (``jax.set_mesh``): layers find it with
+  ``get_abstract_mesh`` (context parallelism over its ``sequence`` axis). Model construction
+  stays outside: nnx would read the logical axis names as mesh axes."""
+
+  def call(*args, **kwargs):
+    with jax.set_mesh(mesh):
+      return fn(*args, **kwargs)
+
+  return call
+
+
 def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
   return NamedSharding(mesh, PartitionSpec())
 

@@ -160,11 +160,13 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
         f"{total} updates; logs in {out_dir}", flush=True)
 
   batch_sharding = parallel.data_sharding(mesh, 2, config.data.seq_len + 1)
-  step_fn = in_mesh(mesh, jax.jit(make_train_step(fn, optimizer, config.train.grad_accum),
-                                  in_shardings=(state_shardings, batch_sharding),
-                                  out_shardings=(state_shardings, None), donate_argnums=0))
-  eval_fn = in_mesh(mesh, jax.jit(make_eval_step(fn),
-                                  in_shardings=(state_shardings["params"], batch_sharding)))
+  # Called with the mesh set: layers find it for context parallelism.
+  step_fn = parallel.in_mesh(mesh, jax.jit(
+      make_train_step(fn, optimizer, config.train.grad_accum),
+      in_shardings=(state_shardings, batch_sharding), out_shardings=(state_shardings, None),
+      donate_argnums=0))
+  eval_fn = parallel.in_mesh(mesh, jax.jit(
+      make_eval_step(fn), in_shardings=(state_shardings["params"], batch_sharding)))
 
   preempted = {"flag": False}
   previous = signal.signal(signal.SIGTERM, lambda *_: preempted.update(flag=True))
@@ -226,18 +228,6 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
         flush=True)
   return RunResult(step=step, checkpoint_dir=str(where), log_file=str(reporter.jsonl),
                    final_eval=final_eval, preempted=preempted["flag"])
-
-
-def in_mesh(mesh, fn):
-  """``fn`` called with ``mesh`` set (``jax.set_mesh``): layers find it with
-  ``get_abstract_mesh`` (context parallelism over its ``sequence`` axis). Model construction
-  stays outside: nnx would read the logical axis names as mesh axes."""
-
-  def call(*args, **kwargs):
-    with jax.set_mesh(mesh):
-      return fn(*args, **kwargs)
-
-  return call
 
 
 def check_layer_pattern_or_raise(config: Config) -> None:

@@ -23,11 +23,18 @@ def vocab_size_of(config: Config) -> int:
   return lsm_data.SYNTHETIC_VOCAB_SIZE
 
 
+def mesh_of(config: Config):
+  """The mesh of ``config.parallel`` over all devices."""
+  return parallel.make_mesh(config.parallel.shape(jax.device_count()))
+
+
 def load_run(run_dir, overrides: list[str] = ()):
   """(model, config, step) from ``run_dir`` (its ``config.yaml`` and newest readable checkpoint).
 
   ``overrides`` change the saved config (e.g. ``model.rope.scaling=yarn``); parameters must keep
-  their shapes. The model is placed on all local devices, data-parallel.
+  their shapes. The model is placed on all local devices, data-parallel (``parallel.*``
+  overrides change that: ``parallel.sequence=8`` shards decoding caches over 8 devices; call the
+  model under ``jax.set_mesh(mesh_of(config))``).
   """
   run_dir = pathlib.Path(run_dir)
   if not (run_dir / "config.yaml").is_file():
@@ -36,7 +43,7 @@ def load_run(run_dir, overrides: list[str] = ()):
   config = load_config(run_dir / "config.yaml", ["parallel.data=-1", "parallel.fsdp=1",
                                                  "parallel.sequence=1", "parallel.tensor=1",
                                                  *overrides])
-  mesh = parallel.make_mesh(config.parallel.shape(jax.device_count()))
+  mesh = mesh_of(config)
   optimizer = make_optimizer(config.optimizer, config.train.steps)
   fn, abstract_state, _ = train_state_shardings(config, vocab_size_of(config), mesh,
                                                  optimizer)
