@@ -66,4 +66,5 @@ def _attention(config, rngs):
       logits_soft_cap=att.logits_soft_cap, implementation=att.implementation,
       qk_norm=att.qk_norm, rngs=rngs,
       context_parallel=ContextParallel(strategy=att.context_parallel.strategy,
-                                       layout=att.context_parallel.layout), dtype=config.dtype, param_dtype=config.param_dtype)
+                                       layout=att.context_parallel.layout),
+      dtype=config.dtype, param_dtype=config.param_dtype)

@@ -77,7 +77,8 @@ def sharded_cache_attention(q, new_k, new_v, new_positions, new_segment_ids, cac
 
   def body(q, new_k, new_v, new_pos, new_seg, keys, values, positions, segment_ids, length,
            sinks):
-    keys, values = _write_local(keys, new_k, length, axis), _write_local(values, new_v, length, axis)
+    keys = _write_local(keys, new_k, length, axis)
+    values = _write_local(values, new_v, length, axis)
     positions = _write_local(positions, new_pos, length, axis)
     segment_ids = _write_local(segment_ids, new_seg, length, axis)
     out, lse = attention(q, keys.astype(q.dtype), values.astype(q.dtype), mask=mask,

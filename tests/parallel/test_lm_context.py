@@ -1,5 +1,5 @@
-"""The LM with context parallelism: loss and gradients equal those without; decoding with a cache
-sharded over the sequence axis equals unsharded decoding; the layer's sharded cache stays sharded."""
+"""The LM with context parallelism: loss and gradients equal those without; decoding with a
+cache sharded over the sequence axis equals unsharded decoding, and its cache stays sharded."""
 
 from __future__ import annotations
 
