@@ -233,10 +233,32 @@ def test_bf16_error_does_not_grow_with_the_ring(ring):
 def test_auto_picks_and_says_why(caplog):
   mesh = mesh_of({"sequence": 8})
   q, k, v, *_ = draws(seed_of("auto"))
-  out = context_attention(q, k, v, mesh=mesh, strategy="auto", mask=Mask(causal=True),
-                          block_sizes=BLOCKS)
-  want = attention(q, k, v, mask=Mask(causal=True), block_sizes=BLOCKS)
+  with caplog.at_level("INFO", logger="lsm"):
+    out = jax.jit(lambda q, k, v: context_attention(
+        q, k, v, mesh=mesh, strategy="auto", mask=Mask(causal=True), block_sizes=BLOCKS,
+        layout="zigzag", q_positions=np.broadcast_to(permutation(T, 8, "zigzag"), (B, T)),
+        kv_positions=np.broadcast_to(permutation(T, 8, "zigzag"), (B, T))))(q, k, v)
+  want = attention(q, k, v, mask=Mask(causal=True), block_sizes=BLOCKS,
+                   q_positions=permutation(T, 8, "zigzag"),
+                   kv_positions=permutation(T, 8, "zigzag"))
   assert normalised_error(out, want) <= 1e-5
+  said = [r.getMessage() for r in caplog.records if "strategy='auto'" in r.getMessage()]
+  # Hkv=2 cannot be split 8 ways: the log names the choice, the estimates and why not Ulysses.
+  assert said and "ulysses impossible" in said[0] and "estimated per-device time" in said[0]
+
+
+def test_cost_model_prefers_ulysses_when_heads_divide_and_ring_for_long_sequences():
+  from lsm.parallel import choose_strategy  # noqa: PLC0415
+  common = dict(batch=1, head_dim=128, value_dim=128, shards=8, itemsize=2)
+  # Many KV heads, short sequence: the ring's per-hop transfer is not hidden by its compute.
+  assert choose_strategy(length=1024, heads=32, kv_heads=32, **common)[0] == "ulysses"
+  # Few KV heads: Ulysses cannot split them; gathering 128k tokens of K/V costs too much memory.
+  assert choose_strategy(length=131072, heads=32, kv_heads=4, **common)[0] == "ring"
+  # Unbalanced causal work (contiguous layout) counts against ring and all_gather.
+  # Balanced causal work with the transfers hidden: the ring moves less than Ulysses.
+  balanced = choose_strategy(length=8192, heads=32, kv_heads=8, balance=1 / 8, **common)
+  unbalanced = choose_strategy(length=8192, heads=32, kv_heads=8, balance=0.23, **common)
+  assert balanced[0] == "ring" and unbalanced[0] == "ulysses", (balanced, unbalanced)
 
 
 # --------------------------------------------------------------------------------- errors
