@@ -145,13 +145,14 @@ def single_memory(t: int) -> dict:
   return _memory(_compile(_fwd_bwd(_single), specs))
 
 
-def memory_rows(mesh, lengths, layout) -> list[dict]:
+def memory_rows(mesh, lengths, layouts) -> list[dict]:
   rows = []
   for t in lengths:
-    ring, single, local = ring_memory(mesh, t, layout), single_memory(t), single_memory(t // SHARDS)
+    single, local = single_memory(t), single_memory(t // SHARDS)
+    ring = {layout: ring_memory(mesh, t, layout) for layout in layouts}
     rows.append(dict(t=t, ring_per_device=ring, single=single, single_at_t_over_p=local,
-                     ratio=ring["total"] / single["total"],
-                     ring_over_local=ring["total"] / local["total"]))
+                     ratio={k: m["total"] / single["total"] for k, m in ring.items()},
+                     ring_over_local={k: m["total"] / local["total"] for k, m in ring.items()}))
   return rows
 
 
@@ -378,7 +379,7 @@ def run(args) -> dict:
   print(f"# measured float32 matmul peak: {peak['flops_per_s'] / 1e9:.1f} GFLOP/s "
         f"({peak['n']}^3, median of 5)", flush=True)
   result = {"benchmark": "context", "date": datetime.date.today().isoformat(),
-            "command": "python -m lsm.bench context " + " ".join(args.argv), "machine": info,
+            "command": " ".join(["python -m lsm.bench context", *args.argv]), "machine": info,
             "devices": emulated, "shards": SHARDS, "load_note": load, "matmul_peak": peak,
             "mask": "causal", "implementation": "xla", "train_shape": dataclasses.asdict(TRAIN),
             "baseline": "lsm.kernels.attention.attention(implementation='xla') on one device",
@@ -389,15 +390,16 @@ def run(args) -> dict:
   def stage(name):
     print(f"# [{time.time() - started:.0f}s] {name}", flush=True)
 
-  stage(f"1. memory of ring fwd+bwd (layout {args.layout}) vs the single-device op")
-  result["memory"] = memory_rows(mesh, args.memory_lengths, args.layout)
-  print(f"{'T':>8} {'ring/device':>12} {'single':>10} {'ratio':>7} {'single T/P':>11} "
-        f"{'ring/that':>10}", flush=True)
+  layouts = list(dict.fromkeys((args.layout, "contiguous")))
+  stage(f"1. memory of ring fwd+bwd ({', '.join(layouts)}) vs the single-device op")
+  result["memory"] = memory_rows(mesh, args.memory_lengths, layouts)
+  print(f"{'T':>8} {'single':>10} {'single T/P':>11}" +
+        "".join(f" {k[:6] + ' /dev':>12} {'ratio':>6}" for k in layouts), flush=True)
   for r in result["memory"]:
-    print(f"{r['t']:>8} {common.fmt_bytes(r['ring_per_device']['total']):>12} "
-          f"{common.fmt_bytes(r['single']['total']):>10} {r['ratio']:>7.3f} "
-          f"{common.fmt_bytes(r['single_at_t_over_p']['total']):>11} "
-          f"{r['ring_over_local']:>9.2f}x", flush=True)
+    print(f"{r['t']:>8} {common.fmt_bytes(r['single']['total']):>10} "
+          f"{common.fmt_bytes(r['single_at_t_over_p']['total']):>11}" +
+          "".join(f" {common.fmt_bytes(r['ring_per_device'][k]['total']):>12} "
+                  f"{r['ratio'][k]:>6.3f}" for k in layouts), flush=True)
 
   stage(f"2. key blocks visited per device, T={args.work_length}, blocks of {args.work_block}")
   result["work"] = dict(t=args.work_length, block=args.work_block,
@@ -466,9 +468,10 @@ def run(args) -> dict:
 def _checks(result):
   out = []
   big = result["memory"][-1]
-  out.append((f"ring fwd+bwd per-device memory ~ 1/{SHARDS} of the single-device op at "
-              f"T={big['t']} (<= 1.25/{SHARDS})", big["ratio"] <= 1.25 / SHARDS,
-              f"{big['ratio']:.3f} (1/{SHARDS} = {1 / SHARDS:.3f})"))
+  for layout, ratio in big["ratio"].items():
+    out.append((f"ring ({layout}) fwd+bwd per-device memory ~ 1/{SHARDS} of the single-device "
+                f"op at T={big['t']} (<= 1.25/{SHARDS})", ratio <= 1.25 / SHARDS,
+                f"{ratio:.3f} (1/{SHARDS} = {1 / SHARDS:.3f})"))
   zigzag = next(r for r in result["work"]["rows"] if r["layout"] == "zigzag")
   out.append(("zigzag: least-loaded device >= 95% of the most-loaded's visited blocks",
               zigzag["balance"] >= 0.95, f"{zigzag['balance']:.3f}"))
@@ -511,14 +514,18 @@ def markdown(result: dict) -> str:
       f"D={s['head_dim']}, {s['dtype']} unless said. Measured float32 matmul peak: "
       f"{result['matmul_peak']['flops_per_s'] / 1e9:.0f} GFLOP/s."
       + (f" Note: {result['load_note']}." if result["load_note"] else ""), "",
-      f"**Memory** (compile-time: XLA's planned per-device peak of ring fwd+bwd, layout "
-      f"{result['longest']['layout']}, against the single-device op):", "",
-      f"| T | ring, per device | single-device op | ratio (1/P = {1 / p:.3f}) | "
-      "single-device op at T/P | ring / that |", "|---:|---:|---:|---:|---:|---:|"]
+      "**Memory** (compile-time: XLA's planned per-device peak of ring fwd+bwd; ratio = ring "
+      f"per device / single-device op at the same T, ideally 1/P = {1 / p:.3f}; last column: "
+      "ring per device / single-device op at T/P, the problem each device holds):", ""]
+  layouts = list(result["memory"][0]["ratio"])
+  lines += ["| T | single-device op | single-device op at T/P | " + " | ".join(
+      f"ring {k}, per device | ratio | × op at T/P" for k in layouts) +
+      " |", "|---:|---:|---:|" + "---:|---:|---:|" * len(layouts)]
   for r in result["memory"]:
-    lines.append(f"| {r['t']} | {fb(r['ring_per_device']['total'])} | {fb(r['single']['total'])}"
-                 f" | {r['ratio']:.3f} | {fb(r['single_at_t_over_p']['total'])} | "
-                 f"{r['ring_over_local']:.2f}x |")
+    lines.append(f"| {r['t']} | {fb(r['single']['total'])} | "
+                 f"{fb(r['single_at_t_over_p']['total'])} | " + " | ".join(
+                     f"{fb(r['ring_per_device'][k]['total'])} | {r['ratio'][k]:.3f} | "
+                     f"{r['ring_over_local'][k]:.2f}x" for k in layouts) + " |")
   w = result["work"]
   lines += ["", f"**Work per device** (key blocks the XLA path visits, summed over the ring's "
                 f"hops; T={w['t']}, blocks of {w['block']}, {p} devices):", "",
@@ -572,7 +579,7 @@ def markdown(result: dict) -> str:
             f"| lse merge, sent per device (ring all-reduce, 2(P-1)/P × payload) | "
             f"{d['measured']['bytes_sent_per_device']:,.0f} |",
             f"| rotating the cache instead, per device ((P-1)/P × K,V) | "
-            f"{d['rotate_cache_sent_per_device']:,.0f} |"]
+            f"{d['rotate_cache_sent_per_device']:,.0f} ({fb(d['rotate_cache_sent_per_device'])}) |"]
   lines += ["", "Targets:", ""]
   lines += [f"- {'met' if x['met'] else 'MISSED'}: {x['name']} — {x['detail']}"
             for x in result["checks"]]
@@ -596,9 +603,10 @@ def main(argv: list[str]) -> int:
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
   parser.add_argument("--quick", action="store_true",
                       help="a smoke run at tiny sizes in seconds (not for the README table)")
-  parser.add_argument("--memory-lengths", type=int, nargs="+", default=[4096, 8192, 16384, 32768])
+  parser.add_argument("--memory-lengths", type=int, nargs="+",
+                      default=[4096, 8192, 16384, 32768, 65536, 131072])
   parser.add_argument("--layout", default="zigzag", choices=LAYOUTS,
-                      help="token layout of the memory and longest-T runs")
+                      help="token layout of the longest-T runs (memory: it and contiguous)")
   parser.add_argument("--work-length", type=int, default=32768)
   parser.add_argument("--work-block", type=int, default=512, help="q and kv block size")
   parser.add_argument("--comm-length", type=int, default=8192)

@@ -32,9 +32,10 @@ def test_quick_run_records_every_measurement(quick):
 
 def test_memory_is_per_device(quick):
   for row in quick["memory"]:
-    ring, single = row["ring_per_device"], row["single"]
-    assert ring["argument"] * 8 == single["argument"]  # q, k, v, w: one shard each
-    assert 0 < row["ratio"] < 1
+    assert set(row["ring_per_device"]) == {"zigzag", "contiguous"}
+    for layout, ring in row["ring_per_device"].items():
+      assert ring["argument"] * 8 == row["single"]["argument"]  # q, k, v, w: one shard each
+      assert 0 < row["ratio"][layout] < 1
   series = quick["longest"]["series"]
   assert [r["t"] for r in series] == [1024, 2048, 4096]
   assert all(r["all_devices"] == 8 * r["per_device"] for r in series)
