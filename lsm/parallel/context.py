@@ -184,6 +184,14 @@ def hop_table(mask: Mask, q_pos, kv_pos, q_seg, kv_seg, shards: int):
   return np.stack([visible[r, (r - s) % shards] for s in range(shards)])
 
 
+def ring_hops(table, shards: int) -> int:
+  """How many hops the ring runs: all P without a static `hop_table`, else up to the last hop
+  any device needs (K/V move hops - 1 times forward)."""
+  if table is None:
+    return shards
+  return int(np.max(np.nonzero(table.any(axis=1))[0], initial=0)) + 1
+
+
 def _rotate(tree, axis, shards, shift=1):
   perm = [(i, (i + shift) % shards) for i in range(shards)]
   return jax.tree.map(lambda x: None if x is None else lax.ppermute(x, axis, perm), tree)
@@ -195,12 +203,12 @@ def _ring(axis: str, shards: int, table, parts, q, k, v, q_pos, kv_pos, q_seg, k
   backward."""
   forward, backward = parts
   mask_of = parts.mask
-  hops = shards if table is None else int(np.max(np.nonzero(table.any(axis=1))[0], initial=0)) + 1
+  hops = ring_hops(table, shards)
 
   def needed(s, qp, kp, qs, ks):
     if table is None:
       return _hop_visible(mask_of, qp, kp, qs, ks)
-    return jnp.asarray(table)[s, lax.axis_index(axis)]
+    return jnp.asarray(table)[s, lax.axis_index(axis)]  # s may be a loop index
 
   @jax.custom_vjp
   def ring(q, k, v, q_pos, kv_pos, q_seg, kv_seg):
@@ -210,41 +218,53 @@ def _ring(axis: str, shards: int, table, parts, q, k, v, q_pos, kv_pos, q_seg, k
     b, tq, hq, _ = q.shape
     dv = v.shape[3]
     acc = jnp.promote_types(q.dtype, jnp.float32)
-    out = jnp.zeros((b, tq, hq, dv), acc)
-    lse = jnp.full((b, hq, tq), -jnp.inf, acc)
-    block = (k, v, kv_pos, kv_seg)
-    for s in range(hops):
-      # Issue the next hop's transfer before this hop's compute: they do not depend on each other.
-      incoming = _rotate(block, axis, shards) if s + 1 < hops else None
+
+    def hop(s, block, out, lse):
       o_s, l_s = lax.cond(
           needed(s, q_pos, block[2], q_seg, block[3]),
           lambda blk: forward(q, blk[0], blk[1], q_pos, blk[2], q_seg, blk[3]),
           lambda blk: (jnp.zeros((b, tq, hq, dv), q.dtype), jnp.full((b, hq, tq), -jnp.inf, acc)),
           block)
-      out, lse = merge([(out, lse), (o_s, l_s.astype(acc))])
-      block = incoming
+      return merge([(out, lse), (o_s, l_s.astype(acc))])
+
+    def body(s, carry):
+      block, out, lse = carry
+      # Issue the next hop's transfer before this hop's compute: they do not depend on each other.
+      incoming = _rotate(block, axis, shards)
+      out, lse = hop(s, block, out, lse)
+      return incoming, out, lse
+
+    # A loop (not unrolled hops) so that one hop's temporaries are live at a time.
+    init = ((k, v, kv_pos, kv_seg), jnp.zeros((b, tq, hq, dv), acc),
+            jnp.full((b, hq, tq), -jnp.inf, acc))
+    block, out, lse = lax.fori_loop(0, hops - 1, body, init)
+    out, lse = hop(hops - 1, block, out, lse)  # the last hop sends nothing on
     return (out, lse), (q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse)
 
   def ring_bwd(res, cotangents):
     q, k, v, q_pos, kv_pos, q_seg, kv_seg, out, lse = res
     d_out, d_lse = cotangents
     acc = out.dtype
-    dq = jnp.zeros(q.shape, acc)
-    block = (k, v, kv_pos, kv_seg)
-    dkv = (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
-    for s in range(hops):
-      incoming = _rotate(block, axis, shards) if s + 1 < hops else None
+
+    def hop(s, block, dq, dkv):
       zeros = (jnp.zeros(q.shape, acc), jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc))
       dq_s, dk_s, dv_s = lax.cond(
           needed(s, q_pos, block[2], q_seg, block[3]),
           lambda blk: tuple(g.astype(acc) for g in backward(
               q, blk[0], blk[1], q_pos, blk[2], q_seg, blk[3], out, lse, d_out, d_lse)),
           lambda blk: zeros, block)
-      dq = dq + dq_s
-      dkv = (dkv[0] + dk_s, dkv[1] + dv_s)
-      if s + 1 < hops:
-        dkv = _rotate(dkv, axis, shards)  # dK/dV travel with their block
-      block = incoming
+      return dq + dq_s, (dkv[0] + dk_s, dkv[1] + dv_s)
+
+    def body(s, carry):
+      block, dq, dkv = carry
+      incoming = _rotate(block, axis, shards)
+      dq, dkv = hop(s, block, dq, dkv)
+      return incoming, dq, _rotate(dkv, axis, shards)  # dK/dV travel with their block
+
+    init = ((k, v, kv_pos, kv_seg), jnp.zeros(q.shape, acc),
+            (jnp.zeros(k.shape, acc), jnp.zeros(v.shape, acc)))
+    block, dq, dkv = lax.fori_loop(0, hops - 1, body, init)
+    dq, dkv = hop(hops - 1, block, dq, dkv)
     # After the last hop, device r holds the gradients of device (r - hops + 1)'s block.
     home = (1 - hops) % shards
     if home:
