@@ -232,9 +232,25 @@ def _array_bytes(text: str) -> int:
              for dtype, dims in _ARRAY.findall(text))
 
 
+_WHILE_BODY = re.compile(r"\bwhile\(.*?body=(%[\w.\-]+)")
+_TRIP_COUNT = re.compile(r'known_trip_count":\{"n":"(\d+)"')
+
+
+def _trip_counts(hlo: str) -> dict[str, int]:
+  """Loop body computation -> its known trip count (the ring's hops are a fori_loop)."""
+  trips = {}
+  for line in hlo.splitlines():
+    body, n = _WHILE_BODY.search(line), _TRIP_COUNT.search(line)
+    if body and n:
+      trips[body[1]] = int(n[1])
+  return trips
+
+
 def collectives(hlo: str, devices: int) -> dict:
-  """Every collective of a compiled module: count, payload and bytes sent per device."""
+  """Every collective of a compiled module: count, payload and bytes sent per device; one in a
+  loop body with a known trip count counts that many times."""
   ops, computation, outside_entry, unparsed = [], "", set(), 0
+  trips = _trip_counts(hlo)
   for line in hlo.splitlines():
     if line and not line[0].isspace() and line.rstrip().endswith("{"):
       computation = line.split("(")[0].strip()
@@ -248,9 +264,11 @@ def collectives(hlo: str, devices: int) -> dict:
     iota = _GROUP_IOTA.search(line)
     g = len(groups[1].split(",")) if groups else int(iota[1]) if iota else devices
     payload = _array_bytes(m["type"])
-    ops.append(dict(op=m["op"], payload=payload, sent=_SENT[m["op"]](payload, g), group=g))
-    if not computation.startswith("ENTRY"):
-      outside_entry.add(computation)
+    times = trips.get(computation, 1)
+    ops.extend([dict(op=m["op"], payload=payload, sent=_SENT[m["op"]](payload, g), group=g)]
+               * times)
+    if not computation.startswith("ENTRY") and computation not in trips:
+      outside_entry.add(computation)  # e.g. a conditional's branch: counted once, flagged
   counts = {}
   for o in ops:
     counts[o["op"]] = counts.get(o["op"], 0) + 1

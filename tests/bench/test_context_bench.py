@@ -53,8 +53,6 @@ def test_zigzag_balances_the_visited_blocks(quick):
   assert rows["contiguous"]["hops_per_device"] == list(range(1, 9))
 
 
-@pytest.mark.xfail(strict=True, reason="the ring is a fori_loop now and the HLO parser counts "
-                   "collectives in a loop body once (trip count not multiplied yet)")
 def test_forward_bytes_in_the_hlo_equal_the_formulas(quick):
   rows = {(r["strategy"], r["mode"]): r for r in quick["comm"]["rows"]}
   for strategy in ("ring", "all_gather", "ulysses"):
