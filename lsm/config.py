@@ -50,6 +50,28 @@ class AttentionConfig(_Section):
   context_parallel: ContextParallelConfig = ContextParallelConfig()
 
 
+class SSMConfig(_Section):
+  """State-space mixers (``s4``, ``s4d``, ``mamba``, ``mamba2`` in ``model.layer_pattern``)."""
+  state_size: int = Field(16, gt=0)  # N per channel (mamba, s4, s4d) or per head (mamba2)
+  expand: int = Field(2, gt=0)  # inner width = expand * d_model (mamba, mamba2)
+  conv_width: int = Field(4, gt=0)  # causal depthwise conv1d (mamba, mamba2)
+  head_dim: int = Field(32, gt=0)  # mamba2: P, channels per SSD head
+  num_groups: int = Field(1, gt=0)  # mamba2: heads sharing one B/C group
+  chunk_size: int = Field(64, gt=0)  # chunked scans / SSD
+  dt_rank: int | None = Field(None, gt=0)  # mamba: None = ceil(d_model / 16)
+  dt_min: float = Field(1e-3, gt=0)  # initial step sizes are log-uniform in [dt_min, dt_max]
+  dt_max: float = Field(0.1, gt=0)
+  discretization: Literal["zoh", "bilinear"] = "zoh"  # s4, s4d
+  implementation: str | None = None  # None: the backend's Pallas kernel, else the XLA path
+
+  @model_validator(mode="after")
+  def _steps(self):
+    if self.dt_min > self.dt_max:
+      raise ValueError(f"model.ssm.dt_min={self.dt_min} must be <= model.ssm.dt_max="
+                       f"{self.dt_max}")
+    return self
+
+
 class ModelConfig(_Section):
   vocab_size: int | None = Field(None, gt=0)  # None: the data's vocabulary
   d_model: int = Field(256, gt=0)
@@ -63,6 +85,7 @@ class ModelConfig(_Section):
   norm_eps: float = Field(1e-6, gt=0)
   rope: RopeConfig = RopeConfig()
   attention: AttentionConfig = AttentionConfig()
+  ssm: SSMConfig = SSMConfig()
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: Literal["none", "full", "dots"] = "none"  # what the layer scan saves for backward
