@@ -59,8 +59,8 @@ def synthetic_dataset(task: str | SyntheticTask, *, seq_len: int, seed: int,
   """A grain `MapDataset` of synthetic examples, each a row dict of ``[seq_len]`` arrays.
 
   Args:
-    task: a task name (``"passkey"``, ``"mqar"``, ``"kv_needle"``, ``"selective_copy"``) or a
-      task object (then no ``difficulty`` arguments).
+    task: a task name (``"passkey"``, ``"mqar"``, ``"kv_needle"``, ``"selective_copy"``,
+      ``"listops"``) or a task object (then no ``difficulty`` arguments).
     seq_len: tokens per example (exactly); ask for 2x or 4x the training length to evaluate
       length generalisation.
     seed: a non-negative int; example ``i`` depends only on ``(seed, i)`` (and the task and

@@ -1,4 +1,5 @@
-"""The synthetic long-context tasks: passkey, associative recall, key-value needle, selective copy.
+"""The synthetic long-context tasks: passkey, associative recall, key-value needle, selective copy,
+ListOps.
 
 A task is a frozen dataclass of its difficulty knobs. ``task.sample(rng, seq_len)`` returns
 ``(tokens int32 [seq_len], loss_mask float32 [seq_len])``: the sequence, written in the vocabulary
@@ -13,6 +14,7 @@ Layouts (``...`` is filler; ``[...]`` marks the answer, the loss positions):
 - ``KeyValueNeedleTask``:    ``BOS .. KEY k1..kL VALUE v1..vD .. (many similar keys) ..
   QUERY k1..kL VALUE [v1..vD]``
 - ``SelectiveCopyTask``:     ``BOS noise x1 noise noise x2 ... xn noise COPY [x1..xn]``
+- ``ListOpsTask``:           ``BOS ... [MAX 2 9 [MIN 4 7 ] 0 ] QUERY [9]``
 """
 
 from __future__ import annotations
@@ -321,6 +323,107 @@ class SelectiveCopyTask(SyntheticTask):
     return _assemble(seq_len, context, [(np.asarray([vocab.COPY]), False), (data, True)])
 
 
+LISTOPS_OPERATORS = ("MAX", "MIN", "MED", "SM")
+"""ListOps operators in the order of their opening tokens ``SYMBOLS[0..3]``."""
+
+
+def _listops_value(operator: int, values: list[int]) -> int:
+  name = LISTOPS_OPERATORS[operator]
+  if name == "MAX":
+    return max(values)
+  if name == "MIN":
+    return min(values)
+  if name == "MED":
+    return sorted(values)[(len(values) - 1) // 2]
+  return sum(values) % 10
+
+
+@dataclasses.dataclass(frozen=True)
+class ListOpsTask(SyntheticTask):
+  """Evaluate a nested prefix expression over the digits 0-9 (ListOps); the answer is one digit.
+
+  An operator token opens a list and names its operation, ``]`` closes it: ``[MAX``, ``[MIN``,
+  ``[MED`` (median; the lower middle value of an even count), ``[SM`` (sum mod 10). Each takes 2
+  to ``max_args`` arguments, digits or nested lists: ``[MAX 2 9 [MIN 4 7 ] 0 ]`` is 9. Tokens:
+  the four operators are ``SYMBOLS[0..3]`` (in `LISTOPS_OPERATORS` order), ``]`` is
+  ``SYMBOLS[4]``, filler the next ``filler_vocab_size`` symbols, digits are ``DIGITS``.
+
+  The expression grows to a target length, so a longer ``seq_len`` asks for a longer (wider and
+  deeper) expression; the tokens it leaves unused (its depth and width limits cap its size, and
+  a random tree rarely hits the target exactly) are filler between ``BOS`` and the expression.
+
+  Args:
+    max_depth: deepest list nesting (1: one flat list of digits).
+    max_args: most arguments of one operator (at least 2).
+    min_fill: the target length is drawn uniformly from ``[min_fill, 1]`` times the room the
+      sequence leaves (``seq_len - 3``); 1.0 aims to fill the whole sequence.
+    filler_vocab_size: symbols for filler.
+  """
+
+  name: ClassVar[str] = "listops"
+  max_depth: int = 10
+  max_args: int = 10
+  min_fill: float = 1.0
+  filler_vocab_size: int = 1
+
+  _NUM_OPERATOR_SYMBOLS: ClassVar[int] = len(LISTOPS_OPERATORS) + 1
+
+  def __post_init__(self):
+    _check_int(self.name, "max_depth", self.max_depth, 1, 100)
+    _check_int(self.name, "max_args", self.max_args, 2)
+    _check_int(self.name, "filler_vocab_size", self.filler_vocab_size, 1,
+               vocab.NUM_SYMBOLS - self._NUM_OPERATOR_SYMBOLS)
+    if isinstance(self.min_fill, bool) or not isinstance(
+        self.min_fill, (int, float, np.integer, np.floating)) or not 0.0 < self.min_fill <= 1.0:
+      raise ValueError(f"listops: min_fill must be a number in (0, 1], got {self.min_fill!r}")
+
+  @property
+  def answer_length(self) -> int:
+    return 1
+
+  @property
+  def min_seq_len(self) -> int:
+    return 7  # BOS [OP d d ] QUERY answer
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    room = seq_len - 3
+    target = room if self.min_fill == 1.0 else int(
+        rng.integers(max(4, int(np.ceil(self.min_fill * room))), room + 1))
+    expression, value = self._expression(rng, target, self.max_depth)
+    fillers = vocab.SYMBOLS[self._NUM_OPERATOR_SYMBOLS:
+                            self._NUM_OPERATOR_SYMBOLS + self.filler_vocab_size]
+    filler = self._filler(rng, fillers, room - len(expression))
+    context = np.concatenate([filler, np.asarray(expression, np.int32)])
+    return _assemble(seq_len, context, [(np.asarray([vocab.QUERY]), False),
+                                        (vocab.DIGITS[value:value + 1], True)])
+
+  def _expression(self, rng: np.random.Generator, budget: int,
+                  depth: int) -> tuple[list[int], int]:
+    """A list of at most ``budget`` (>= 4) tokens nested at most ``depth`` deep, and its value."""
+    room = budget - 2
+    count = int(rng.integers(2, min(self.max_args, room) + 1))
+    tokens, values = [], []
+    for i in range(count):
+      later = count - 1 - i
+      available = room - len(tokens) - later  # each later argument needs a token
+      share = available
+      if later:  # on average a fair part of what is left, but spread: wide and narrow subtrees
+        fair = (room - len(tokens)) / (count - i)
+        share = min(available, max(1, round(rng.random() * 2 * fair)))
+      if depth > 1 and share >= 4:
+        argument, value = self._expression(rng, share, depth - 1)
+      else:
+        value = int(rng.integers(0, vocab.NUM_DIGITS))
+        argument = [int(vocab.DIGITS[value])]
+      tokens += argument
+      values.append(value)
+    operator = int(rng.integers(0, len(LISTOPS_OPERATORS)))
+    closer = int(vocab.SYMBOLS[len(LISTOPS_OPERATORS)])
+    return [int(vocab.SYMBOLS[operator]), *tokens, closer], _listops_value(operator, values)
+
+
 SYNTHETIC_TASKS: dict[str, type[SyntheticTask]] = {
     task.name: task
-    for task in (PasskeyTask, AssociativeRecallTask, KeyValueNeedleTask, SelectiveCopyTask)}
+    for task in (PasskeyTask, AssociativeRecallTask, KeyValueNeedleTask, SelectiveCopyTask,
+                 ListOpsTask)}

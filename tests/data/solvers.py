@@ -72,5 +72,61 @@ def solve_selective_copy(tokens, task):
   return data, np.arange(copy_at + 1, tokens.size)
 
 
+def parse_listops(tokens, task):
+  """The expression of a ListOps sequence as nested ``(operator name, [arguments])`` tuples
+  (digits are ints), and where it starts. Layout: operators ``SYMBOLS[0..3]`` = MAX MIN MED SM,
+  ``]`` = ``SYMBOLS[4]``, then filler symbols, all before the expression."""
+  operators = {vocab.SYMBOLS[i]: name for i, name in enumerate(("MAX", "MIN", "MED", "SM"))}
+  closer, first_filler = vocab.SYMBOLS[4], vocab.SYMBOLS[5]
+  query_at = _only(tokens, vocab.QUERY)
+  assert tokens[0] == vocab.BOS and query_at == tokens.size - 2
+  body = tokens[1:query_at]
+  start = int(np.argmax(body < first_filler))
+  assert np.all((body[:start] >= first_filler) & (
+      body[:start] < first_filler + task.filler_vocab_size)), vocab.render(tokens)
+  stack, expression = [], None
+  for token in body[start:].tolist():
+    assert expression is None, f"tokens after the expression ends: {vocab.render(tokens)}"
+    if token in operators:
+      stack.append((operators[token], []))
+    elif token == closer:
+      done = stack.pop()
+      if stack:
+        stack[-1][1].append(done)
+      else:
+        expression = done
+    else:
+      assert vocab.FIRST_DIGIT <= token < vocab.FIRST_SYMBOL, vocab.render(tokens)
+      stack[-1][1].append(token - vocab.FIRST_DIGIT)
+  assert expression is not None and not stack, f"unbalanced: {vocab.render(tokens)}"
+  return expression, 1 + start
+
+
+def evaluate_listops(expression) -> int:
+  if isinstance(expression, int):
+    return expression
+  name, arguments = expression
+  values = sorted(evaluate_listops(a) for a in arguments)
+  return {"MAX": values[-1], "MIN": values[0], "MED": values[(len(values) - 1) // 2],
+          "SM": sum(values) % 10}[name]
+
+
+def listops_shape(expression) -> tuple[int, int, int]:
+  """(nesting depth, fewest and most arguments of an operator) of a parsed expression."""
+  if isinstance(expression, int):
+    return 0, 10**9, 0
+  shapes = [listops_shape(a) for a in expression[1]]
+  arguments = len(expression[1])
+  return (1 + max(s[0] for s in shapes), min([arguments] + [s[1] for s in shapes]),
+          max([arguments] + [s[2] for s in shapes]))
+
+
+def solve_listops(tokens, task):
+  expression, _ = parse_listops(tokens, task)
+  depth, fewest, most = listops_shape(expression)
+  assert depth <= task.max_depth and 2 <= fewest and most <= task.max_args, (depth, fewest, most)
+  return np.asarray([vocab.DIGITS[evaluate_listops(expression)]]), np.asarray([tokens.size - 1])
+
+
 SOLVERS = {"passkey": solve_passkey, "mqar": solve_mqar, "kv_needle": solve_kv_needle,
-           "selective_copy": solve_selective_copy}
+           "selective_copy": solve_selective_copy, "listops": solve_listops}

@@ -1,4 +1,5 @@
-"""Synthetic tasks: exact lengths, vocabulary bounds, determinism, answers recoverable, errors."""
+"""Synthetic tasks: exact lengths, vocabulary bounds, determinism, answers recoverable (ListOps
+expressions evaluated independently), errors."""
 
 import sys
 
@@ -8,10 +9,12 @@ from hypothesis import strategies as st
 import numpy as np
 import pytest
 
-from lsm.data import (ROW_KEYS, SYNTHETIC_TASKS, SYNTHETIC_VOCAB_SIZE, PasskeyTask,
-                      SyntheticSource, synthetic_dataset, synthetic_task)
+from lsm.config import load_config
+from lsm.data import (ROW_KEYS, SYNTHETIC_TASKS, SYNTHETIC_VOCAB_SIZE, ListOpsTask, PasskeyTask,
+                      SyntheticSource, answer_accuracy, synthetic_dataset, synthetic_task)
 from lsm.data import synthetic_vocab as vocab
-from tests.data.solvers import SOLVERS
+from lsm.train import data as train_data
+from tests.data.solvers import SOLVERS, evaluate_listops, listops_shape, parse_listops
 
 TASKS = sorted(SYNTHETIC_TASKS)
 
@@ -70,6 +73,9 @@ def _tasks(draw):
     knobs = dict(key_length=key_length, key_vocab_size=key_vocab, value_length=draw(small),
                  filler_vocab_size=draw(small),
                  num_distractors=draw(st.integers(0, min(12, key_length * (key_vocab - 1)))))
+  elif name == "listops":
+    knobs = dict(max_depth=draw(st.integers(1, 6)), max_args=draw(st.integers(2, 8)),
+                 min_fill=draw(st.floats(0.01, 1)), filler_vocab_size=draw(small))
   else:
     knobs = dict(num_data_tokens=draw(st.integers(1, 12)), data_vocab_size=draw(small),
                  noise_vocab_size=draw(small))
@@ -127,6 +133,62 @@ def test_longer_sequences_keep_the_task():
     assert row["tokens"].shape == (seq_len,) and row["loss_mask"].sum() == 5
 
 
+def test_listops_evaluator_on_the_documented_example():
+  """``[MAX 2 9 [MIN 4 7 ] 0 ]`` = 9, read the way the solver reads generated sequences."""
+  op, close, d = vocab.SYMBOLS[:4], vocab.SYMBOLS[4], vocab.DIGITS
+  expression = [op[0], d[2], d[9], op[1], d[4], d[7], close, d[0], close]
+  tokens = np.asarray([vocab.BOS, *expression, vocab.QUERY, d[9]])
+  parsed, start = parse_listops(tokens, ListOpsTask())
+  assert parsed == ("MAX", [2, 9, ("MIN", [4, 7]), 0]) and start == 1
+  assert evaluate_listops(parsed) == 9
+  assert evaluate_listops(("MED", [3, 8, 1, 5])) == 3  # the lower middle of an even count
+  assert evaluate_listops(("SM", [9, 8, ("MED", [4, 1, 7])])) == 1
+
+
+def test_listops_answers_cover_the_digits_and_use_every_operator():
+  rows = synthetic_dataset("listops", seq_len=200, seed=0, num_examples=200)
+  answers, operators = set(), set()
+  for row in rows:
+    answers.add(int(row["tokens"][-1]) - vocab.FIRST_DIGIT)
+    operators.update(row["tokens"][np.isin(row["tokens"], vocab.SYMBOLS[:4])].tolist())
+  assert answers == set(range(10)) and len(operators) == 4
+
+
+def test_listops_expression_fills_the_sequence_within_its_limits():
+  def expression_lengths(seq_len, **knobs):
+    task = synthetic_task("listops", **knobs)
+    rows = synthetic_dataset(task, seq_len=seq_len, seed=1, num_examples=20)
+    return np.asarray([seq_len - 2 - parse_listops(row["tokens"], task)[1] for row in rows])
+
+  assert expression_lengths(1024).min() >= 0.95 * 1021  # longer context, longer expression
+  assert expression_lengths(4096).min() >= 0.95 * 4093
+  filled = expression_lengths(2000, min_fill=0.25)
+  assert filled.min() < 1000 and filled.max() > 1500  # a spread of lengths
+  # Depth 2 and 3 arguments cap the expression at 2 + 3 * (2 + 3) = 17 tokens; filler does the rest.
+  assert expression_lengths(500, max_depth=2, max_args=3).max() <= 17
+  task = synthetic_task("listops", max_depth=2, max_args=3)
+  depths = {listops_shape(parse_listops(row["tokens"], task)[0])[0]
+            for row in synthetic_dataset(task, seq_len=500, seed=1, num_examples=20)}
+  assert depths == {2}
+
+
+def test_listops_from_a_config_and_scored_by_answer_accuracy():
+  config = load_config(None, ["data.task=listops", "data.seq_len=128", "data.batch_size=4",
+                              "data.task_options.max_depth=4", "data.task_options.max_args=5"])
+  data = train_data.build(config)
+  batch = next(data.iterator)
+  assert batch["tokens"].shape == (4, 129) and np.all(batch["loss_mask"].sum(axis=1) == 1)
+  for tokens in batch["tokens"]:
+    expression, _ = parse_listops(tokens, ListOpsTask(max_depth=4, max_args=5))
+    assert listops_shape(expression)[0] <= 4
+  scores = answer_accuracy(batch["tokens"][:, 1:], batch["tokens"], batch["loss_mask"])
+  np.testing.assert_array_equal(scores["exact_match"], 1.0)
+  wrong = batch["tokens"][:, 1:].copy()
+  wrong[:, -1] = vocab.FIRST_DIGIT + (wrong[:, -1] - vocab.FIRST_DIGIT + 1) % 10
+  np.testing.assert_array_equal(answer_accuracy(wrong, batch["tokens"],
+                                                batch["loss_mask"])["exact_match"], 0.0)
+
+
 @pytest.mark.parametrize("call, error, pattern", [
     (lambda: synthetic_dataset("needle", seq_len=64, seed=0), ValueError,
      r"task must be one of .*'passkey'.*got 'needle'"),
@@ -160,6 +222,16 @@ def test_longer_sequences_keep_the_task():
      ValueError, r"num_distractors must be an int in \[0, 28\], got 30"),
     (lambda: synthetic_task("selective_copy", num_data_tokens=0), ValueError,
      r"num_data_tokens must be an int >= 1, got 0"),
+    (lambda: synthetic_task("listops", max_depth=0), ValueError,
+     r"listops: max_depth must be an int in \[1, 100\], got 0"),
+    (lambda: synthetic_task("listops", max_args=1), ValueError,
+     r"listops: max_args must be an int >= 2, got 1"),
+    (lambda: synthetic_task("listops", min_fill=0.0), ValueError,
+     r"listops: min_fill must be a number in \(0, 1\], got 0.0"),
+    (lambda: synthetic_task("listops", filler_vocab_size=43), ValueError,
+     r"listops: filler_vocab_size must be an int in \[1, 42\], got 43"),
+    (lambda: synthetic_dataset("listops", seq_len=6, seed=0), ValueError,
+     r"seq_len=6 is too short .* at least 7"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_arguments_name_the_argument(call, error, pattern):
   with pytest.raises(error, match=pattern):
