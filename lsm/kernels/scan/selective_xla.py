@@ -1,0 +1,125 @@
+"""The selective scan (Mamba-1) in plain XLA: the sequential reference and the chunked path.
+
+The chunked path runs a `lax.scan` over chunks of L tokens. Inside a chunk the L states come from
+an associative scan of the (decay, input) pairs, so a chunk costs O(log L) dependent steps and
+decay products are built by multiplying factors in (0, 1] (nothing is ever divided). The chunk
+body is rematerialised in the backward pass (`jax.checkpoint`): only the [B, E, N] state entering
+each chunk is kept, never the [B, T, E, N] states of the whole sequence.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from lsm.kernels.attention.pallas_common import padded
+
+_HIGHEST = lax.Precision.HIGHEST
+
+
+def deltas(dt, dt_bias, delta_softplus: bool, dtype):
+  """Δ = softplus(dt + dt_bias) (or without the softplus) in ``dtype``."""
+  delta = dt.astype(dtype)
+  if dt_bias is not None:
+    delta = delta + dt_bias.astype(dtype)
+  return jax.nn.softplus(delta) if delta_softplus else delta
+
+
+def gated(y_BTE, x_BTE, D_E, z_BTE):
+  """``(y + D x) * silu(z)`` in y's dtype (D and z optional)."""
+  if D_E is not None:
+    y_BTE = y_BTE + D_E.astype(y_BTE.dtype) * x_BTE.astype(y_BTE.dtype)
+  if z_BTE is not None:
+    y_BTE = y_BTE * jax.nn.silu(z_BTE.astype(y_BTE.dtype))
+  return y_BTE
+
+
+def _initial_state(h0, batch: int, channels: int, state: int, dtype):
+  if h0 is None:
+    return jnp.zeros((batch, channels, state), dtype)
+  return h0.astype(dtype)
+
+
+def selective_scan_reference(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_softplus: bool,
+                             dtype):
+  """The definition: one `lax.scan` step per token, state in ``dtype``."""
+  batch, _, channels = x.shape
+  delta_BTE = deltas(dt, dt_bias, delta_softplus, dtype)
+  x_BTE = x.astype(dtype)
+  A_EN = A.astype(dtype)
+  h = _initial_state(h0, batch, channels, A.shape[1], dtype)
+  reset_BT = jnp.zeros(x.shape[:2], jnp.bool_) if reset is None else reset
+
+  def step(h_BEN, inputs):
+    x_BE, delta_BE, b_BN, c_BN, reset_B = inputs
+    h_BEN = jnp.where(reset_B[:, None, None], 0.0, h_BEN)
+    h_BEN = (jnp.exp(delta_BE[..., None] * A_EN) * h_BEN
+             + (delta_BE * x_BE)[..., None] * b_BN[:, None, :])
+    return h_BEN, jnp.einsum("ben,bn->be", h_BEN, c_BN, precision=_HIGHEST)
+
+  time_major = lambda v: jnp.moveaxis(v, 1, 0)  # noqa: E731
+  inputs = (x_BTE, delta_BTE, B.astype(dtype), C.astype(dtype), reset_BT)
+  h_last, y_TBE = lax.scan(step, h, tuple(time_major(v) for v in inputs))
+  y_BTE = gated(time_major(y_TBE), x_BTE, D, z)
+  return y_BTE.astype(x.dtype), h_last
+
+
+def chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL):
+  """One chunk from its entering state: (C_t . h_t [B, L, E], state after the chunk [B, E, N]).
+
+  Everything is in the dtype of ``h_BEN``; ``reset_BL`` may be None."""
+  dtype = h_BEN.dtype
+  delta_BLE = delta_BLE.astype(dtype)
+  decay_BLEN = jnp.exp(delta_BLE[..., None] * A_EN.astype(dtype))
+  if reset_BL is not None:
+    decay_BLEN = jnp.where(reset_BL[:, :, None, None], 0.0, decay_BLEN)
+  u_BLEN = (delta_BLE * x_BLE.astype(dtype))[..., None] * B_BLN.astype(dtype)[:, :, None, :]
+  u_BLEN = u_BLEN.at[:, 0].add(decay_BLEN[:, 0] * h_BEN)
+
+  def combine(earlier, later):
+    a1, u1 = earlier
+    a2, u2 = later
+    return a1 * a2, a2 * u1 + u2
+
+  _, h_BLEN = lax.associative_scan(combine, (decay_BLEN, u_BLEN), axis=1)
+  y_BLE = jnp.einsum("blen,bln->ble", h_BLEN, C_BLN.astype(dtype), precision=_HIGHEST)
+  return y_BLE, h_BLEN[:, -1]
+
+
+def to_chunks(v, length: int, chunk: int, value=0):
+  """[B, T, ...] -> [T_p / chunk, B, chunk, ...] (padded along T with ``value``)."""
+  if v is None:
+    return None
+  v = padded(v, 1, length, value)
+  b = v.shape[0]
+  return jnp.moveaxis(v.reshape(b, length // chunk, chunk, *v.shape[2:]), 1, 0)
+
+
+def from_chunks(v, length: int):
+  """[n, B, chunk, ...] -> [B, length, ...] (the padding cut off)."""
+  v = jnp.moveaxis(v, 0, 1)
+  return v.reshape(v.shape[0], -1, *v.shape[3:])[:, :length]
+
+
+def selective_scan_chunked(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_softplus: bool,
+                           chunk_size: int, dtype):
+  """`lax.scan` over chunks of ``chunk_size`` tokens, each rematerialised in the backward pass.
+
+  Padding tokens have Δ = 0 (decay 1, input 0), so they leave the state unchanged."""
+  batch, length, channels = x.shape
+  chunk = min(chunk_size, length)
+  t_p = -(-length // chunk) * chunk
+  delta_BTE = deltas(dt, dt_bias, delta_softplus, dtype)
+  h = _initial_state(h0, batch, channels, A.shape[1], dtype)
+  A_EN = A.astype(dtype)
+
+  @jax.checkpoint
+  def body(h_BEN, inputs):
+    y_BLE, h_BEN = chunk_scan(h_BEN, *inputs[:2], A_EN, *inputs[2:])
+    return h_BEN, y_BLE
+
+  chunks = tuple(to_chunks(v, t_p, chunk) for v in (x, delta_BTE, B, C, reset))
+  h_last, y_nBLE = lax.scan(body, h, chunks)
+  y_BTE = gated(from_chunks(y_nBLE, length), x, D, z)
+  return y_BTE.astype(x.dtype), h_last

@@ -1,0 +1,229 @@
+"""selective_scan: every implementation against the float64 reference, forward and gradients.
+
+Inputs are drawn in float64 and cast; errors are ``max|x - ref| / max|ref|``. The Pallas kernels
+run in interpret mode on CPU, on tiny grids.
+"""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsm.kernels.scan.selective import IMPLEMENTATIONS, selective_scan
+
+FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+# T = 37 is not a multiple of the chunk; E = 6, N = 4.
+SHAPE = dict(b=2, t=37, e=6, n=4)
+CHUNK = 8
+ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0")
+
+
+def _seed(*parts) -> int:
+  return zlib.crc32(repr(parts).encode())
+
+
+def _draw(seed, b, t, e, n, *, reset_rate=0.1):
+  """float64 inputs (a dict by argument name) and the bool reset [B, T]."""
+  rng = np.random.default_rng(seed)
+  args = dict(
+      x=rng.normal(size=(b, t, e)), dt=rng.normal(size=(b, t, e)) - 1.0,
+      A=-np.exp(rng.normal(size=(e, n))), B=rng.normal(size=(b, t, n)),
+      C=rng.normal(size=(b, t, n)), D=rng.normal(size=(e,)), z=rng.normal(size=(b, t, e)),
+      dt_bias=0.5 * rng.normal(size=(e,)), h0=rng.normal(size=(b, e, n)))
+  reset = rng.random((b, t)) < reset_rate
+  return args, reset
+
+
+def _error(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert x.shape == ref.shape, (x.shape, ref.shape)
+  assert np.all(np.isfinite(x))
+  return float(np.max(np.abs(x - ref))) / max(float(np.max(np.abs(ref))), 1e-30)
+
+
+def _assert_close(x, ref, tol, what):
+  err = _error(x, ref)
+  assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g}"
+
+
+def _cast(args, dtype):
+  """Sequence inputs in ``dtype``; A, D, dt_bias, h0 stay float32 (as in the layers) unless the
+  dtype is float64."""
+  params = ("A", "D", "dt_bias", "h0")
+  out = {}
+  for k, v in args.items():
+    if v is None:
+      out[k] = None
+    elif k in params and dtype != jnp.float64:
+      out[k] = jnp.asarray(v, jnp.float32)
+    else:
+      out[k] = jnp.asarray(v, dtype)
+  return out
+
+
+def _run(args, implementation, reset=None, **kw):
+  return selective_scan(*(args[k] for k in ARG_NAMES), reset=reset,
+                        implementation=implementation, **kw)
+
+
+def _loss_and_grads(args, implementation, reset, weights, **kw):
+  """(y, h_last) and the gradients of a random linear function of them w.r.t. every input."""
+  names = [k for k in ARG_NAMES if args[k] is not None]
+  w_y, w_h = weights
+
+  def loss(*vals):
+    full = dict(args, **dict(zip(names, vals)))
+    y, h = _run(full, implementation, reset, **kw)
+    return jnp.sum(y.astype(jnp.float64) * w_y) + jnp.sum(h.astype(jnp.float64) * w_h), (y, h)
+
+  grads, (y, h) = jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
+      *(args[k] for k in names))
+  return y, h, dict(zip(names, grads))
+
+
+def _weights(seed, b, t, e, n):
+  rng = np.random.default_rng(seed + 1)
+  return jnp.asarray(rng.normal(size=(b, t, e))), jnp.asarray(rng.normal(size=(b, e, n)))
+
+
+OPTIONALS = {
+    "all": (),
+    "bare": ("D", "z", "dt_bias", "h0"),
+    "no_z": ("z",),
+    "no_D_bias": ("D", "dt_bias"),
+}
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("optionals", list(OPTIONALS))
+def test_matches_reference(implementation, dtype, optionals):
+  """y, h_last and the gradients w.r.t. every input match the float64 reference."""
+  if dtype == jnp.bfloat16 and optionals != "all":
+    pytest.skip("bf16 runs with every optional input")
+  seed = _seed("matches", implementation, jnp.dtype(dtype).name, optionals)
+  args, reset = _draw(seed, **SHAPE)
+  for name in OPTIONALS[optionals]:
+    args[name] = None
+  reset = jnp.asarray(reset)
+  weights = _weights(seed, **SHAPE)
+  ref = _loss_and_grads(_cast(args, jnp.float64), "reference", reset, weights)
+  got = _loss_and_grads(_cast(args, dtype), implementation, reset, weights, chunk_size=CHUNK)
+  tol = TOLERANCE[jnp.dtype(dtype)]
+  assert got[0].dtype == dtype and got[1].dtype == jnp.float32
+  _assert_close(got[0], ref[0], tol, "y")
+  _assert_close(got[1], ref[1], tol, "h_last")
+  assert set(got[2]) == set(ref[2])
+  for name in ref[2]:
+    _assert_close(got[2][name], ref[2][name], tol, f"d/d{name}")
+
+
+def test_reference_is_the_recurrence():
+  """The reference against a numpy loop written from the definition."""
+  args, reset = _draw(_seed("numpy"), b=1, t=9, e=3, n=2, reset_rate=0.3)
+  reset[0, 4] = True
+  y, h = _run(_cast(args, jnp.float64), "reference", jnp.asarray(reset))
+  a = args
+  delta = np.log1p(np.exp(a["dt"] + a["dt_bias"]))
+  state = a["h0"][0].copy()
+  for t in range(9):
+    if reset[0, t]:
+      state[:] = 0
+    state = np.exp(delta[0, t][:, None] * a["A"]) * state + (
+        delta[0, t] * a["x"][0, t])[:, None] * a["B"][0, t][None, :]
+    out = state @ a["C"][0, t] + a["D"] * a["x"][0, t]
+    out = out * a["z"][0, t] / (1 + np.exp(-a["z"][0, t]))
+    np.testing.assert_allclose(y[0, t], out, rtol=1e-12)
+  np.testing.assert_allclose(h[0], state, rtol=1e-12)
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_packed_equals_separate(implementation):
+  """A reset makes the scan of a packed row equal the scans of its documents run alone."""
+  args, _ = _draw(_seed("packed", implementation), **SHAPE)
+  args = _cast(args, jnp.float32)
+  cut = 20
+  reset = jnp.zeros((2, 37), jnp.bool_).at[:, cut].set(True)
+  y, h = _run(args, implementation, reset, chunk_size=CHUNK)
+  second = {k: (v[:, cut:] if v is not None and v.ndim == 3 and k != "h0" else v)
+            for k, v in args.items()}
+  second["h0"] = None
+  y2, h2 = _run(second, implementation, chunk_size=CHUNK)
+  first = {k: (v[:, :cut] if v is not None and v.ndim == 3 and k != "h0" else v)
+           for k, v in args.items()}
+  y1, _ = _run(first, implementation, chunk_size=CHUNK)
+  _assert_close(y[:, :cut], y1, 1e-6, "first document")
+  _assert_close(y[:, cut:], y2, 1e-6, "second document")
+  _assert_close(h, h2, 1e-6, "h_last")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_state_chaining(implementation):
+  """scan(x1 ‖ x2) == scan(x2, h0=scan(x1).h_last), resets included."""
+  args, reset = _draw(_seed("chain", implementation), **SHAPE)
+  args = _cast(args, jnp.float32)
+  reset = jnp.asarray(reset)
+  y, h = _run(args, implementation, reset, chunk_size=CHUNK)
+  cut = 13
+  split = lambda sl: {k: (v[:, sl] if v is not None and v.ndim == 3 and k != "h0" else v)  # noqa
+                      for k, v in args.items()}
+  y1, h1 = _run(split(slice(None, cut)), implementation, reset[:, :cut], chunk_size=CHUNK)
+  y2, h2 = _run(dict(split(slice(cut, None)), h0=h1), implementation, reset[:, cut:],
+                chunk_size=CHUNK)
+  _assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "y")
+  _assert_close(h2, h, 1e-6, "h_last")
+
+
+def test_causal():
+  """The gradient of y_t w.r.t. inputs after t is exactly zero."""
+  args, _ = _draw(_seed("causal"), **SHAPE)
+  args = _cast(args, jnp.float32)
+  t = 17
+
+  def y_t(x, dt, B, C, z):
+    y, _ = _run(dict(args, x=x, dt=dt, B=B, C=C, z=z), "xla_chunked", chunk_size=CHUNK)
+    return jnp.sum(y[:, t])
+
+  grads = jax.grad(y_t, argnums=range(5))(*(args[k] for k in ("x", "dt", "B", "C", "z")))
+  for g in grads:
+    assert np.all(np.asarray(g[:, t + 1:]) == 0)
+    assert np.any(np.asarray(g[:, t]) != 0)
+
+
+# --------------------------------------------------------------------------------- errors
+
+
+def _good():
+  args, _ = _draw(0, b=2, t=5, e=3, n=2)
+  return _cast(args, jnp.float32)
+
+
+@pytest.mark.parametrize("change,kind,message", [
+    (dict(dt=np.zeros((2, 5, 4), np.float32)), ValueError, r"dt must have shape \[2, 5, 3\]"),
+    (dict(A=np.zeros((4, 2), np.float32)), ValueError, r"A must have shape \[3, N\]"),
+    (dict(A=np.zeros((3,), np.float32)), ValueError, "A must have rank 2"),
+    (dict(x=np.zeros((2, 5), np.float32)), ValueError, "x must have rank 3"),
+    (dict(B=np.zeros((2, 5, 3), np.float32)), ValueError, r"B must have shape \[2, 5, 2\]"),
+    (dict(C=np.zeros((2, 4, 2), np.float32)), ValueError, r"C must have shape \[2, 5, 2\]"),
+    (dict(D=np.zeros((2,), np.float32)), ValueError, r"D must have shape \[3\]"),
+    (dict(z=np.zeros((2, 5, 2), np.float32)), ValueError, r"z must have shape \[2, 5, 3\]"),
+    (dict(dt_bias=np.zeros((3, 1), np.float32)), ValueError, r"dt_bias must have shape \[3\]"),
+    (dict(h0=np.zeros((2, 3, 3), np.float32)), ValueError, r"h0 must have shape \[2, 3, 2\]"),
+    (dict(x=np.zeros((2, 5, 3), np.int32)), TypeError, "x must have a floating dtype"),
+    (dict(B=[[0.0]]), TypeError, "B must be an array"),
+    (dict(reset=np.zeros((2, 5), np.int32)), TypeError, "reset must have dtype bool"),
+    (dict(reset=np.zeros((2, 4), bool)), ValueError, r"reset must have shape \[2, 5\]"),
+    (dict(chunk_size=0), ValueError, "chunk_size must be a positive int"),
+    (dict(implementation="cuda"), ValueError, "implementation must be one of"),
+])
+def test_bad_arguments(change, kind, message):
+  args = dict(_good())
+  kw = {k: change.pop(k) for k in ("reset", "chunk_size", "implementation") if k in change}
+  args.update(change)
+  with pytest.raises(kind, match=message):
+    _run(args, kw.pop("implementation", None), kw.pop("reset", None), **kw)
