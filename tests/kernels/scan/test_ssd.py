@@ -1,0 +1,193 @@
+"""`ssd`: every implementation against the float64 sequential reference (forward, final state and
+gradients), packing, state chaining, chunk-size independence and argument errors."""
+
+from __future__ import annotations
+
+import zlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lsm.kernels.scan.ssd import IMPLEMENTATIONS, ssd
+
+FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
+TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
+ARGNAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")
+CHUNK = 16
+
+
+def _seed(*parts) -> int:
+  return zlib.crc32(repr(parts).encode())
+
+
+def _draw(seed, *, b=2, t=37, h=4, g=2, p=8, n=4, dtype=jnp.float32):
+  """Inputs drawn in float64 and cast to ``dtype`` (A, dt_bias stay float32 as in the layers)."""
+  rng = np.random.default_rng(seed)
+  arrays = {
+      "x": rng.normal(size=(b, t, h, p)), "dt": rng.normal(size=(b, t, h)) - 1.0,
+      "A": -np.exp(rng.normal(size=(h,))), "B": rng.normal(size=(b, t, g, n)),
+      "C": rng.normal(size=(b, t, g, n)), "D": rng.normal(size=(h,)),
+      "dt_bias": 0.5 * rng.normal(size=(h,)), "h0": rng.normal(size=(b, h, p, n)),
+  }
+  params = {"A", "dt_bias"}
+  return {k: jnp.asarray(v, jnp.float32 if k in params and dtype != jnp.float64 else dtype)
+          for k, v in arrays.items()}
+
+
+def _resets(b, t, positions):
+  reset = np.zeros((b, t), bool)
+  for row, col in positions:
+    reset[row, col] = True
+  return jnp.asarray(reset)
+
+
+def _error(x, ref) -> float:
+  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
+  assert x.shape == ref.shape, (x.shape, ref.shape)
+  assert np.all(np.isfinite(x))
+  return float(np.max(np.abs(x - ref))) / max(float(np.max(np.abs(ref))), 1e-30)
+
+
+def _assert_close(x, ref, tol, what):
+  err = _error(x, ref)
+  assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g}"
+
+
+def _outputs_and_grads(inputs, implementation, **kwargs):
+  """(y, h_last, gradients of a random projection of both w.r.t. every input)."""
+  y, h_last = ssd(**inputs, implementation=implementation, **kwargs)
+  rng = np.random.default_rng(1)
+  wy = jnp.asarray(rng.normal(size=y.shape), jnp.float64)
+  wh = jnp.asarray(rng.normal(size=h_last.shape), jnp.float64)
+
+  def loss(args):
+    y, h_last = ssd(**args, implementation=implementation, **kwargs)
+    return jnp.sum(y.astype(jnp.float64) * wy) + jnp.sum(h_last.astype(jnp.float64) * wh)
+
+  return y, h_last, jax.grad(loss)(inputs)
+
+
+@pytest.mark.parametrize("implementation", FAST)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("groups", [1, 2])
+def test_matches_reference(implementation, dtype, groups):
+  """Forward, final state and all gradients against float64, with resets (one on a chunk
+  boundary, one inside a chunk, one at t=0) and T not a multiple of the chunk size."""
+  inputs = _draw(_seed("match", implementation, jnp.dtype(dtype).name, groups), g=groups,
+                 dtype=dtype)
+  reset = _resets(2, 37, [(0, CHUNK), (0, 21), (1, 0), (1, 33)])
+  y, h_last, grads = _outputs_and_grads(inputs, implementation, reset=reset, chunk_size=CHUNK)
+  wide = {k: v.astype(jnp.float64) for k, v in inputs.items()}
+  y_ref, h_ref, grads_ref = _outputs_and_grads(wide, "reference", reset=reset)
+  assert y.dtype == dtype and h_last.dtype == jnp.float32
+  tol = TOLERANCE[jnp.dtype(dtype)]
+  _assert_close(y, y_ref, tol, "y")
+  _assert_close(h_last, h_ref, tol, "h_last")
+  for name in ARGNAMES:
+    assert grads[name].dtype == inputs[name].dtype
+    _assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_packed_equals_separate(implementation):
+  """Two documents packed into one row with a reset equal two separate calls, the second from
+  zero state; resets on a chunk boundary (t=16) and inside a chunk (t=21)."""
+  for cut in (CHUNK, 21):
+    inputs = _draw(_seed("packed", implementation, cut), b=1, t=40)
+    reset = _resets(1, 40, [(0, cut)])
+    y, h_last = ssd(**inputs, reset=reset, chunk_size=CHUNK, implementation=implementation)
+    first = {k: v[:, :cut] if v.ndim >= 3 else v for k, v in inputs.items() if k != "h0"}
+    second = {k: v[:, cut:] if v.ndim >= 3 else v for k, v in inputs.items() if k != "h0"}
+    y1, _ = ssd(**first, h0=inputs["h0"], chunk_size=CHUNK, implementation=implementation)
+    y2, h2 = ssd(**second, chunk_size=CHUNK, implementation=implementation)
+    _assert_close(y, jnp.concatenate([y1, y2], axis=1), 1e-6, f"y (reset at {cut})")
+    _assert_close(h_last, h2, 1e-6, f"h_last (reset at {cut})")
+
+
+@pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
+def test_state_chaining(implementation):
+  """scan(x1 ‖ x2) == scan(x2, h0=scan(x1).h_last), split inside a chunk."""
+  inputs = _draw(_seed("chain", implementation), t=45)
+  y, h_last = ssd(**inputs, chunk_size=CHUNK, implementation=implementation)
+  cut = 19
+  first = {k: v[:, :cut] if v.ndim >= 3 else v for k, v in inputs.items() if k != "h0"}
+  second = {k: v[:, cut:] if v.ndim >= 3 else v for k, v in inputs.items() if k != "h0"}
+  y1, h1 = ssd(**first, h0=inputs["h0"], chunk_size=CHUNK, implementation=implementation)
+  y2, h2 = ssd(**second, h0=h1, chunk_size=CHUNK, implementation=implementation)
+  _assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "y")
+  _assert_close(h2, h_last, 1e-6, "h_last")
+
+
+@pytest.mark.parametrize("implementation", FAST)
+def test_chunk_size_independent(implementation):
+  inputs = _draw(_seed("chunks", implementation), b=1, t=40)
+  reset = _resets(1, 40, [(0, 8), (0, 27)])
+  y16, h16 = ssd(**inputs, reset=reset, chunk_size=16, implementation=implementation)
+  for chunk in (8, 32, 64):
+    y, h_last = ssd(**inputs, reset=reset, chunk_size=chunk, implementation=implementation)
+    _assert_close(y, y16, 1e-5, f"y (chunk {chunk})")
+    _assert_close(h_last, h16, 1e-5, f"h_last (chunk {chunk})")
+
+
+def test_reference_matches_definition():
+  """The reference against a plain numpy loop of the equations, with every option on."""
+  inputs = {k: np.asarray(v, np.float64) for k, v in _draw(_seed("def"), t=9).items()}
+  reset = np.zeros((2, 9), bool)
+  reset[0, 4] = reset[1, 0] = True
+  for softplus in (True, False):
+    y, h_last = ssd(**{k: jnp.asarray(v) for k, v in inputs.items()}, reset=jnp.asarray(reset),
+                    delta_softplus=softplus, implementation="reference")
+    x, dt, A, B, C = (inputs[k] for k in ("x", "dt", "A", "B", "C"))
+    rep = x.shape[2] // B.shape[2]
+    want = np.zeros(x.shape)
+    for b in range(2):
+      for h in range(4):
+        state = inputs["h0"][b, h].copy()
+        for t in range(9):
+          delta = dt[b, t, h] + inputs["dt_bias"][h]
+          delta = np.log1p(np.exp(delta)) if softplus else delta
+          state = 0 * state if reset[b, t] else state
+          state = np.exp(delta * A[h]) * state + delta * np.outer(x[b, t, h], B[b, t, h // rep])
+          want[b, t, h] = state @ C[b, t, h // rep] + inputs["D"][h] * x[b, t, h]
+        np.testing.assert_allclose(h_last[b, h], state, rtol=1e-12, atol=1e-12)
+    np.testing.assert_allclose(y, want, rtol=1e-12, atol=1e-12)
+
+
+def test_optional_arguments_default_to_zero():
+  inputs = _draw(_seed("opt"), t=20)
+  y, h_last = ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"],
+                  chunk_size=8)
+  zeros = {"D": jnp.zeros(4), "dt_bias": jnp.zeros(4), "h0": jnp.zeros((2, 4, 8, 4))}
+  y0, h0 = ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], **zeros,
+               implementation="reference")
+  _assert_close(y, y0, 1e-5, "y")
+  _assert_close(h_last, h0, 1e-5, "h_last")
+
+
+def _bad(**changes):
+  inputs = _draw(0, b=1, t=5, h=4, g=2)
+  inputs.update(changes)
+  return inputs
+
+
+@pytest.mark.parametrize("kwargs,error,match", [
+    (_bad(x=jnp.zeros((1, 5, 4))), ValueError, "x must have rank 4"),
+    (_bad(dt=jnp.zeros((1, 5, 3))), ValueError, r"dt must have shape \[1, 5, 4\], got"),
+    (_bad(A=jnp.zeros((4, 1))), ValueError, r"A must have shape \[4\]"),
+    (_bad(B=jnp.zeros((1, 5, 3, 4)), C=jnp.zeros((1, 5, 3, 4))), ValueError, "multiple of"),
+    (_bad(C=jnp.zeros((1, 5, 2, 5))), ValueError, r"C must have shape \[1, 5, 2, 4\]"),
+    (_bad(D=jnp.zeros((3,))), ValueError, r"D must have shape \[4\]"),
+    (_bad(dt_bias=jnp.zeros((4,), jnp.int32)), TypeError, "dt_bias must have a floating"),
+    (_bad(h0=jnp.zeros((1, 4, 4, 8))), ValueError, r"h0 must have shape \[1, 4, 8, 4\]"),
+    (_bad(x=jnp.zeros((1, 0, 4, 8))), ValueError, "at least one time step"),
+    ({**_bad(), "reset": jnp.zeros((1, 5), jnp.int32)}, TypeError, "reset must have dtype bool"),
+    ({**_bad(), "reset": jnp.zeros((1, 6), bool)}, ValueError, r"reset must have shape \[1, 5\]"),
+    ({**_bad(), "chunk_size": 0}, ValueError, "chunk_size must be a positive int"),
+    ({**_bad(), "implementation": "cuda"}, ValueError, "implementation must be one of"),
+    ({**_bad(), "delta_softplus": 1}, TypeError, "delta_softplus must be a bool"),
+])
+def test_bad_arguments_raise_before_tracing(kwargs, error, match):
+  with pytest.raises(error, match=match):
+    ssd(**kwargs)
