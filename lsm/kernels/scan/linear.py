@@ -200,7 +200,7 @@ class _Forward:
     else:
       from lsm.kernels.scan import linear_pallas_gpu as kernel
     return kernel.linear_scan_kernel(a_BTC, b_BTC, h0_BC, reverse=reverse,
-                                     interpret=self.interpret)
+                                     chunk_size=self.chunk_size, interpret=self.interpret)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 4))
