@@ -87,39 +87,34 @@ def chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL):
   return y_BLE, h_BLEN[:, -1]
 
 
-def to_chunks(v, length: int, chunk: int, value=0):
-  """[B, T, ...] -> [T_p / chunk, B, chunk, ...] (padded along T with ``value``)."""
-  if v is None:
-    return None
-  v = padded(v, 1, length, value)
-  b = v.shape[0]
-  return jnp.moveaxis(v.reshape(b, length // chunk, chunk, *v.shape[2:]), 1, 0)
-
-
-def from_chunks(v, length: int):
-  """[n, B, chunk, ...] -> [B, length, ...] (the padding cut off)."""
-  v = jnp.moveaxis(v, 0, 1)
-  return v.reshape(v.shape[0], -1, *v.shape[3:])[:, :length]
-
-
 def selective_scan_chunked(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_softplus: bool,
                            chunk_size: int, dtype):
   """`lax.scan` over chunks of ``chunk_size`` tokens, each rematerialised in the backward pass.
 
-  Padding tokens have Δ = 0 (decay 1, input 0), so they leave the state unchanged."""
+  Every chunk slices its tokens out of the full-length inputs inside the rematerialised body
+  (the residuals of a chunk are its entering state and index only); a last, shorter chunk takes
+  the T % chunk_size tokens left, so nothing is padded."""
   batch, length, channels = x.shape
   chunk = min(chunk_size, length)
-  t_p = -(-length // chunk) * chunk
-  delta_BTE = deltas(dt, dt_bias, delta_softplus, dtype)
+  full_chunks, tail = divmod(length, chunk)
   h = _initial_state(h0, batch, channels, A.shape[1], dtype)
   A_EN = A.astype(dtype)
 
+  def run(h_BEN, start, size: int):
+    take = lambda v: None if v is None else lax.dynamic_slice_in_dim(v, start, size, 1)  # noqa
+    x_BLE = take(x)
+    delta_BLE = deltas(take(dt), dt_bias, delta_softplus, dtype)
+    y_BLE, h_BEN = chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, take(B), take(C), take(reset))
+    return gated(y_BLE, x_BLE, D, take(z)).astype(x.dtype), h_BEN
+
   @jax.checkpoint
-  def body(h_BEN, inputs):
-    y_BLE, h_BEN = chunk_scan(h_BEN, *inputs[:2], A_EN, *inputs[2:])
+  def body(h_BEN, index):
+    y_BLE, h_BEN = run(h_BEN, index * chunk, chunk)
     return h_BEN, y_BLE
 
-  chunks = tuple(to_chunks(v, t_p, chunk) for v in (x, delta_BTE, B, C, reset))
-  h_last, y_nBLE = lax.scan(body, h, chunks)
-  y_BTE = gated(from_chunks(y_nBLE, length), x, D, z)
-  return y_BTE.astype(x.dtype), h_last
+  h, y_nBLE = lax.scan(body, h, jnp.arange(full_chunks))
+  y_BTE = jnp.moveaxis(y_nBLE, 0, 1).reshape(batch, full_chunks * chunk, channels)
+  if tail:
+    y_tail, h = jax.checkpoint(run, static_argnums=(2,))(h, full_chunks * chunk, tail)
+    y_BTE = jnp.concatenate([y_BTE, y_tail], axis=1)
+  return y_BTE, h

@@ -227,3 +227,32 @@ def test_bad_arguments(change, kind, message):
   args.update(change)
   with pytest.raises(kind, match=message):
     _run(args, kw.pop("implementation", None), kw.pop("reset", None), **kw)
+
+
+# --------------------------------------------------------------------------------- memory
+
+
+def _temp_bytes(implementation, b, t, e, n, chunk_size):
+  f32 = jnp.float32
+  shapes = dict(x=(b, t, e), dt=(b, t, e), A=(e, n), B=(b, t, n), C=(b, t, n), D=(e,),
+                z=(b, t, e), dt_bias=(e,), h0=(b, e, n))
+  specs = [jax.ShapeDtypeStruct(shapes[k], f32) for k in ARG_NAMES]
+
+  def loss(*args):
+    y, h = selective_scan(*args, chunk_size=chunk_size, implementation=implementation)
+    return jnp.sum(y) + jnp.sum(h)
+
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(specs)))))
+  return grad.lower(*specs).compile().memory_analysis().temp_size_in_bytes
+
+
+def test_chunked_backward_does_not_store_every_state():
+  """fwd+bwd of xla_chunked at T=4096, E=N=16, chunks of 32: temporaries under a fifth of the
+  [B, T, E, N] float32 states, and doubling T adds at most two copies of the chunk-boundary
+  states [B, T/32, E, N] (the rest is per-chunk work, independent of T)."""
+  b, t, e, n, chunk = 2, 4096, 16, 16, 32
+  states = b * t * e * n * 4
+  temp = _temp_bytes("xla_chunked", b, t, e, n, chunk)
+  assert temp < states / 5, (temp, states)
+  temp_2t = _temp_bytes("xla_chunked", b, 2 * t, e, n, chunk)
+  assert temp_2t - temp <= 2 * states // chunk, (temp, temp_2t, states // chunk)
