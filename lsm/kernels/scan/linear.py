@@ -33,10 +33,12 @@ def linear_scan(a, b, h0=None, *, reset=None, reverse: bool = False,
     h0: [B, *C] initial state (None: zeros). Complex only when ``a`` or ``b`` is.
     reset: None or bool [B, T]; True at t drops the state entering step t (h_t = b_t).
     reverse: scan from t = T - 1 down to 0 (h_t = a_t * h_{t+1} + b_t); ``h_last`` is then h_0.
+      A reset then drops the state coming from t + 1: it marks a document's last token.
     implementation: one of `IMPLEMENTATIONS`, or None: the Pallas kernel of the backend, else
       "xla_chunked". The kernels take real float32 / bfloat16 / float16 inputs and run in
       interpret mode on CPU.
-    chunk_size: time steps per chunk of "xla_chunked".
+    chunk_size: time steps per chunk ("xla_chunked"), per chunk rounded up to a power of two
+      ("pallas_gpu"), per sequence block rounded up to whole sublane tiles ("pallas_tpu").
     interpret: force Pallas interpret mode on or off (None: on exactly when the backend is CPU).
 
   Returns:

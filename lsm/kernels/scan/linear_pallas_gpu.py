@@ -39,7 +39,7 @@ def _ends_kernel(a_ref, b_ref, end_ref, prod_ref, *, reverse: bool):
     return a * h + b_ref[row(t), :].astype(jnp.float32), a * prod
 
   zeros = jnp.zeros(end_ref.shape, jnp.float32)
-  h, prod = lax.fori_loop(0, chunk, step, (zeros, zeros + 1))
+  h, prod = lax.fori_loop(jnp.int32(0), jnp.int32(chunk), step, (zeros, zeros + 1))
   end_ref[...] = h
   prod_ref[...] = prod
 
@@ -53,7 +53,7 @@ def _scan_kernel(a_ref, b_ref, start_ref, h_ref, *, reverse: bool):
     h_ref[row(t), :] = h
     return h
 
-  lax.fori_loop(0, chunk, step, start_ref[...])
+  lax.fori_loop(jnp.int32(0), jnp.int32(chunk), step, start_ref[...])
 
 
 def linear_scan_kernel(a_BTC, b_BTC, h0_BC, *, reverse: bool, chunk_size: int, interpret: bool):

@@ -53,7 +53,8 @@ def _kernel(a_ref, b_ref, h0_ref, h_ref, h_last_ref, carry_ref, *, reverse: bool
     h_ref[pl.ds(start, rows), :] = out
     return h
 
-  h = lax.fori_loop(0, tiles, tile, carry_ref[...])
+  # int32 bounds: Mosaic has no 64-bit index arithmetic (the loop index follows the bounds).
+  h = lax.fori_loop(jnp.int32(0), jnp.int32(tiles), tile, carry_ref[...])
   carry_ref[...] = h
 
   @pl.when(seq == pl.num_programs(2) - 1)
