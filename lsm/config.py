@@ -61,7 +61,7 @@ class SSMConfig(_Section):
   dt_rank: int | None = Field(None, gt=0)  # mamba: None = ceil(d_model / 16)
   dt_min: float = Field(1e-3, gt=0)  # initial step sizes are log-uniform in [dt_min, dt_max]
   dt_max: float = Field(0.1, gt=0)
-  discretization: Literal["zoh", "bilinear"] = "zoh"  # s4, s4d
+  discretization: Literal["zoh", "bilinear"] | None = None  # None: zoh for s4d, bilinear for s4
   implementation: str | None = None  # None: the backend's Pallas kernel, else the XLA path
 
   @model_validator(mode="after")

@@ -3,11 +3,14 @@
 from lsm.layers.attention import Attention
 from lsm.layers.embed import Embed
 from lsm.layers.kv_cache import EMPTY_POSITION, DenseKVCache, RingKVCache
+from lsm.layers.mamba import GatedRMSNorm, Mamba, Mamba2, SSMCache
 from lsm.layers.mlp import SwiGLU
 from lsm.layers.norms import RMSNorm
 from lsm.layers.params import LOGICAL_AXES, logical_param
 from lsm.layers.rope import ROPE_SCALING_KINDS, RopeScaling, apply_rope, rope_frequencies
+from lsm.layers.s4 import S4, S4D, S4Cache
 
-__all__ = ["Attention", "DenseKVCache", "EMPTY_POSITION", "Embed", "LOGICAL_AXES",
-           "ROPE_SCALING_KINDS", "RMSNorm", "RingKVCache", "RopeScaling", "SwiGLU", "apply_rope",
-           "logical_param", "rope_frequencies"]
+__all__ = ["Attention", "DenseKVCache", "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LOGICAL_AXES",
+           "Mamba", "Mamba2", "ROPE_SCALING_KINDS", "RMSNorm", "RingKVCache", "RopeScaling", "S4",
+           "S4Cache", "S4D", "SSMCache", "SwiGLU", "apply_rope", "logical_param",
+           "rope_frequencies"]

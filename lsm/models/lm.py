@@ -14,7 +14,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from lsm import layers
-from lsm.models.registry import check_layer_pattern, make_mixer
+from lsm.models.registry import check_layer_pattern, in_order_mixers, make_mixer
 from lsm.parallel.context import ContextParallel
 from lsm.parallel.layout import layout_multiple, permutation
 from lsm.parallel.mesh import activation_spec
@@ -66,6 +66,7 @@ class LM(nnx.Module):
                        f"got {vocab_size!r}")
     check_layer_pattern(config.layer_pattern)
     self.remat = config.remat
+    self.in_order = in_order_mixers(config.layer_pattern)
     cp = config.attention.context_parallel
     self.context_parallel = ContextParallel(strategy=cp.strategy, layout=cp.layout)
     self.vocab_size = vocab_size
@@ -114,6 +115,11 @@ class LM(nnx.Module):
     if shards == 1:
       return "contiguous", 1
     layout = self.context_parallel.layout
+    if self.in_order and layout != "contiguous":
+      raise ValueError(f"LM: model.layer_pattern has mixers that scan their tokens in order "
+                       f"({', '.join(self.in_order)}); with the sequence sharded over {shards} "
+                       f"devices set model.attention.context_parallel.layout=contiguous, got "
+                       f"{layout!r}")
     if length % layout_multiple(layout, shards):
       raise ValueError(f"LM: a sequence of {length} tokens cannot be laid out {layout!r} over "
                        f"{shards} devices; it must be a multiple of "

@@ -21,10 +21,14 @@ from lsm import layers
 from lsm.parallel.context import ContextParallel
 
 _MIXERS: dict[str, Callable] = {}
+_IN_ORDER: set[str] = set()
 
 
-def register_mixer(name: str):
-  """Decorator: registers ``factory(model_config, rngs) -> nnx.Module`` under ``name``."""
+def register_mixer(name: str, *, in_order: bool = False):
+  """Decorator: registers ``factory(model_config, rngs) -> nnx.Module`` under ``name``.
+
+  ``in_order``: the mixer reads its tokens as a sequence in order (a scan), so under sequence
+  sharding the tokens must be in the ``contiguous`` layout."""
   if not isinstance(name, str) or not name:
     raise ValueError(f"register_mixer: name must be a non-empty string, got {name!r}")
 
@@ -32,9 +36,16 @@ def register_mixer(name: str):
     if name in _MIXERS and _MIXERS[name] is not factory:
       raise ValueError(f"register_mixer: a mixer named {name!r} is already registered")
     _MIXERS[name] = factory
+    if in_order:
+      _IN_ORDER.add(name)
     return factory
 
   return decorate
+
+
+def in_order_mixers(pattern) -> tuple[str, ...]:
+  """The names in ``pattern`` whose mixers need their tokens in order (scans)."""
+  return tuple(dict.fromkeys(name for name in pattern if name in _IN_ORDER))
 
 
 def mixer_names() -> tuple[str, ...]:
@@ -68,3 +79,42 @@ def _attention(config, rngs):
       context_parallel=ContextParallel(strategy=att.context_parallel.strategy,
                                        layout=att.context_parallel.layout),
       dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+def _ssm_common(config, rngs):
+  ssm = config.ssm
+  return dict(dt_min=ssm.dt_min, dt_max=ssm.dt_max, rngs=rngs, dtype=config.dtype,
+              param_dtype=config.param_dtype)
+
+
+@register_mixer("mamba", in_order=True)
+def _mamba(config, rngs):
+  ssm = config.ssm
+  return layers.Mamba(config.d_model, state_size=ssm.state_size, expand=ssm.expand,
+                      conv_width=ssm.conv_width, dt_rank=ssm.dt_rank, chunk_size=ssm.chunk_size,
+                      implementation=ssm.implementation, **_ssm_common(config, rngs))
+
+
+@register_mixer("mamba2", in_order=True)
+def _mamba2(config, rngs):
+  ssm = config.ssm
+  return layers.Mamba2(config.d_model, state_size=ssm.state_size, expand=ssm.expand,
+                       head_dim=ssm.head_dim, num_groups=ssm.num_groups,
+                       conv_width=ssm.conv_width, chunk_size=ssm.chunk_size,
+                       implementation=ssm.implementation, **_ssm_common(config, rngs))
+
+
+@register_mixer("s4d", in_order=True)
+def _s4d(config, rngs):
+  ssm = config.ssm
+  return layers.S4D(config.d_model, state_size=ssm.state_size,
+                    discretization=ssm.discretization or "zoh", implementation=ssm.implementation,
+                    **_ssm_common(config, rngs))
+
+
+@register_mixer("s4", in_order=True)
+def _s4(config, rngs):
+  ssm = config.ssm
+  return layers.S4(config.d_model, state_size=ssm.state_size,
+                   discretization=ssm.discretization or "bilinear",
+                   **_ssm_common(config, rngs))

@@ -20,7 +20,7 @@ from flax import nnx
 from lsm import parallel
 from lsm.config import Config, ConfigError, to_yaml
 from lsm.log import logger
-from lsm.models import LM, check_layer_pattern
+from lsm.models import LM, check_layer_pattern, in_order_mixers
 from lsm.train import data as train_data
 from lsm.train.checkpoint import Checkpoints
 from lsm.train.metrics import Reporter, device_peak_flops, train_flops_per_token
@@ -235,4 +235,10 @@ def check_layer_pattern_or_raise(config: Config) -> None:
     check_layer_pattern(config.model.layer_pattern)
   except ValueError as error:
     raise ConfigError(str(error)) from None
+  scans = in_order_mixers(config.model.layer_pattern)
+  layout = config.model.attention.context_parallel.layout
+  if scans and config.parallel.sequence > 1 and layout != "contiguous":
+    raise ConfigError(f"model.layer_pattern has mixers that scan their tokens in order "
+                      f"({', '.join(scans)}); with parallel.sequence={config.parallel.sequence} "
+                      f"set model.attention.context_parallel.layout=contiguous, got {layout!r}")
 
