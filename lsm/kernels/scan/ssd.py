@@ -15,16 +15,20 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from lsm.kernels.scan import ssd_pallas
 from lsm.kernels.scan.common import (check_array, check_choice, check_positive_int, check_reset,
-                                     default_implementation, state_dtype)
+                                     default_implementation, interpret_default, state_dtype)
 from lsm.kernels.scan.ssd_xla import HIGHEST, ssd_chunked
+from lsm.log import log_once
 
-IMPLEMENTATIONS = ("reference", "xla_chunked")
+IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
+_KERNELS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
+_KERNEL_DTYPES = (jnp.bfloat16, jnp.float16, jnp.float32)
 _OP = "ssd"
 
 
 def ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, *, reset=None, delta_softplus=True,
-        chunk_size=64, implementation=None):
+        chunk_size=64, implementation=None, interpret=None):
   """Mamba-2 SSD scan.
 
   Args:
@@ -38,7 +42,10 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, *, reset=None, delta_soft
     reset: None or bool [B, T]; True at t zeroes the state entering step t.
     delta_softplus: apply softplus to ``dt + dt_bias``.
     chunk_size: steps per chunk of the chunked implementations (T need not be a multiple).
-    implementation: one of IMPLEMENTATIONS, or None: the chunked XLA path.
+    implementation: one of IMPLEMENTATIONS, or None: the Pallas kernel of the backend when it
+      can run these arguments, else "xla_chunked" (logged once, with the reason). A Pallas
+      implementation asked for on CPU runs in interpret mode.
+    interpret: force Pallas interpret mode on (True) or off (False); None: on for CPU.
 
   Returns:
     y [B, T, H, P] in x's dtype, and h_last [B, H, P, N] in the state dtype (float32, or float64
@@ -46,11 +53,18 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, *, reset=None, delta_soft
   """
   _check(x, dt, A, B, C, D, dt_bias, h0, reset, delta_softplus)
   chunk_size = check_positive_int(_OP, "chunk_size", chunk_size)
-  if implementation is None:
-    implementation = default_implementation(_OP, {}, "xla_chunked")
-  check_choice(_OP, "implementation", implementation, IMPLEMENTATIONS)
-
+  if interpret is not None and not isinstance(interpret, bool):
+    raise TypeError(f"{_OP}: interpret must be None or a bool, got {interpret!r}")
   dtype = state_dtype(x, dt, A, B, C, D, dt_bias, h0)
+  if implementation is None:
+    implementation = _default(x, B, C, dtype, chunk_size)
+  check_choice(_OP, "implementation", implementation, IMPLEMENTATIONS)
+  if implementation in _KERNELS:
+    interpret = interpret_default(_OP, implementation, interpret)
+    reason = _kernel_unsupported(implementation, x, B, C, dtype, chunk_size, interpret)
+    if reason:
+      raise ValueError(f"{_OP}: implementation={implementation!r} cannot run this call: {reason}")
+
   delta_BTH = dt.astype(dtype)
   if dt_bias is not None:
     delta_BTH = delta_BTH + dt_bias.astype(dtype)
@@ -58,9 +72,37 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, *, reset=None, delta_soft
     delta_BTH = jax.nn.softplus(delta_BTH)
   if implementation == "reference":
     y, h_last = ssd_reference(x, delta_BTH, A, B, C, D, h0, reset, dtype=dtype)
-  else:
+  elif implementation == "xla_chunked":
     y, h_last = ssd_chunked(x, delta_BTH, A, B, C, D, h0, reset, chunk=chunk_size, dtype=dtype)
+  else:
+    backend = _KERNELS[implementation]
+    b, t, h, p = x.shape
+    D = jnp.zeros((h,), jnp.float32) if D is None else D
+    h0 = jnp.zeros((b, h, p, B.shape[3]), jnp.float32) if h0 is None else h0
+    chunk = ssd_pallas.kernel_chunk(backend, chunk_size, t, interpret)
+    y, h_last = ssd_pallas.ssd_pallas(x, delta_BTH, A, B, C, D, h0, reset, backend=backend,
+                                      chunk=chunk, interpret=interpret)
   return y.astype(x.dtype), h_last
+
+
+def _kernel_unsupported(implementation, x, B, C, dtype, chunk_size, interpret) -> str | None:
+  """Why a Pallas implementation cannot run these arguments, or None."""
+  if dtype != jnp.float32 or any(v.dtype not in _KERNEL_DTYPES for v in (x, B, C)):
+    return ("the kernels take bfloat16, float16 or float32 inputs with a float32 state, got "
+            f"x {x.dtype}, B {B.dtype}, C {C.dtype} (state {jnp.dtype(dtype).name})")
+  if not interpret:
+    return ssd_pallas.hardware_error(_KERNELS[implementation], chunk_size)
+  return None
+
+
+def _default(x, B, C, dtype, chunk_size) -> str:
+  implementation = default_implementation(_OP, _KERNELS, "xla_chunked")
+  if implementation in _KERNELS:
+    reason = _kernel_unsupported(implementation, x, B, C, dtype, chunk_size, interpret=False)
+    if reason:
+      log_once(f"{_OP}: {implementation!r} cannot run this call ({reason}); using 'xla_chunked'")
+      return "xla_chunked"
+  return implementation
 
 
 def _check(x, dt, A, B, C, D, dt_bias, h0, reset, delta_softplus):

@@ -3,6 +3,7 @@ gradients), packing, state chaining, chunk-size independence and argument errors
 
 from __future__ import annotations
 
+import functools
 import zlib
 
 import jax
@@ -10,12 +11,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lsm.kernels.scan.ssd import IMPLEMENTATIONS, ssd
+from lsm.kernels.scan import common
+from lsm.kernels.scan.ssd import IMPLEMENTATIONS
+from lsm.kernels.scan.ssd import ssd as ssd_eager
 
 FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 ARGNAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")
 CHUNK = 16
+# Jitted once per shape and option set: eager dispatch of the many small ops is slower than this.
+ssd = jax.jit(ssd_eager, static_argnames=("delta_softplus", "chunk_size", "implementation",
+                                          "interpret"))
 
 
 def _seed(*parts) -> int:
@@ -55,18 +61,22 @@ def _assert_close(x, ref, tol, what):
   assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g}"
 
 
-def _outputs_and_grads(inputs, implementation, **kwargs):
-  """(y, h_last, gradients of a random projection of both w.r.t. every input)."""
-  y, h_last = ssd(**inputs, implementation=implementation, **kwargs)
-  rng = np.random.default_rng(1)
-  wy = jnp.asarray(rng.normal(size=y.shape), jnp.float64)
-  wh = jnp.asarray(rng.normal(size=h_last.shape), jnp.float64)
+@functools.partial(jax.jit, static_argnames=("implementation", "chunk_size"))
+def _outputs_and_grads(inputs, reset, implementation, chunk_size=CHUNK):
+  """(y, h_last, gradients of a fixed random projection of both w.r.t. every input)."""
+  x, h0 = inputs["x"], inputs["h0"]
+  key_y, key_h = jax.random.split(jax.random.key(1))
+  wy = jax.random.normal(key_y, x.shape, jnp.float64)
+  wh = jax.random.normal(key_h, h0.shape, jnp.float64)
 
   def loss(args):
-    y, h_last = ssd(**args, implementation=implementation, **kwargs)
-    return jnp.sum(y.astype(jnp.float64) * wy) + jnp.sum(h_last.astype(jnp.float64) * wh)
+    y, h_last = ssd_eager(**args, reset=reset, chunk_size=chunk_size,
+                          implementation=implementation)
+    value = jnp.sum(y.astype(jnp.float64) * wy) + jnp.sum(h_last.astype(jnp.float64) * wh)
+    return value, (y, h_last)
 
-  return y, h_last, jax.grad(loss)(inputs)
+  (_, (y, h_last)), grads = jax.value_and_grad(loss, has_aux=True)(inputs)
+  return y, h_last, grads
 
 
 @pytest.mark.parametrize("implementation", FAST)
@@ -78,9 +88,9 @@ def test_matches_reference(implementation, dtype, groups):
   inputs = _draw(_seed("match", implementation, jnp.dtype(dtype).name, groups), g=groups,
                  dtype=dtype)
   reset = _resets(2, 37, [(0, CHUNK), (0, 21), (1, 0), (1, 33)])
-  y, h_last, grads = _outputs_and_grads(inputs, implementation, reset=reset, chunk_size=CHUNK)
+  y, h_last, grads = _outputs_and_grads(inputs, reset, implementation)
   wide = {k: v.astype(jnp.float64) for k, v in inputs.items()}
-  y_ref, h_ref, grads_ref = _outputs_and_grads(wide, "reference", reset=reset)
+  y_ref, h_ref, grads_ref = _outputs_and_grads(wide, reset, "reference")
   assert y.dtype == dtype and h_last.dtype == jnp.float32
   tol = TOLERANCE[jnp.dtype(dtype)]
   _assert_close(y, y_ref, tol, "y")
@@ -189,5 +199,59 @@ def _bad(**changes):
     ({**_bad(), "delta_softplus": 1}, TypeError, "delta_softplus must be a bool"),
 ])
 def test_bad_arguments_raise_before_tracing(kwargs, error, match):
+  """Shapes only (ShapeDtypeStruct): the checks must fire before any array is touched."""
+  abstract = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) if hasattr(v, "shape") else v
+              for k, v in kwargs.items()}
   with pytest.raises(error, match=match):
-    ssd(**kwargs)
+    ssd_eager(**abstract)
+
+
+@pytest.mark.parametrize("implementation", ["pallas_tpu", "pallas_gpu"])
+def test_kernels_reject_float64(implementation):
+  inputs = _draw(0, b=1, t=5, dtype=jnp.float64)
+  with pytest.raises(ValueError, match="cannot run this call: the kernels take bfloat16"):
+    ssd_eager(**inputs, implementation=implementation)
+
+
+@pytest.mark.parametrize("implementation,chunk,match", [
+    ("pallas_gpu", 24, "power of two >= 16, got 24"), ("pallas_gpu", 8, "power of two"),
+    ("pallas_tpu", 12, "multiple of 8, got 12")])
+def test_compiled_kernels_check_chunk_size(implementation, chunk, match):
+  inputs = _draw(0, b=1, t=40)
+  with pytest.raises(ValueError, match=match):
+    ssd_eager(**inputs, chunk_size=chunk, implementation=implementation, interpret=False)
+
+
+@pytest.mark.parametrize("platform,kernel", [("tpu", "pallas_tpu"), ("gpu", "pallas_gpu"),
+                                             ("cpu", None)])
+def test_default_implementation(monkeypatch, platform, kernel):
+  """The backend's kernel for float32 state, the chunked XLA path for float64 or on CPU."""
+  monkeypatch.setattr(common, "platform", lambda: platform)
+  for dtype, uses_kernel in ((jnp.float32, kernel is not None), (jnp.float64, False)):
+    inputs = _draw(0, b=1, t=40, dtype=dtype)
+    jaxpr = str(jax.make_jaxpr(lambda args: ssd_eager(**args))(inputs))
+    assert ("lsm_ssd_chunk_outputs" in jaxpr) == uses_kernel, (platform, dtype)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+@pytest.mark.parametrize("platform,implementation,call", [
+    ("tpu", "pallas_tpu", "tpu_custom_call"), ("cuda", "pallas_gpu", "__gpu$xla.gpu.triton")])
+def test_kernels_lower_for_real_hardware(platform, implementation, call, dtype):
+  """Forward and gradient lower through Mosaic (TPU) and Triton (GPU) from this CPU machine, at
+  Mamba-2 sizes with T not a multiple of the chunk and grouped heads."""
+  b, t, h, g, p, n = 1, 200, 8, 2, 64, 128
+  S = jax.ShapeDtypeStruct
+  args = (S((b, t, h, p), dtype), S((b, t, h), jnp.float32), S((h,), jnp.float32),
+          S((b, t, g, n), dtype), S((b, t, g, n), dtype), S((h,), jnp.float32),
+          S((h,), jnp.float32), S((b, h, p, n), jnp.float32), S((b, t), jnp.bool_))
+
+  def loss(x, dt, A, B, C, D, dt_bias, h0, reset):
+    y, h_last = ssd_eager(x, dt, A, B, C, D, dt_bias, h0, reset=reset, chunk_size=64,
+                          implementation=implementation, interpret=False)
+    return jnp.sum(y.astype(jnp.float32)) + jnp.sum(h_last)
+
+  grad = jax.jit(jax.value_and_grad(loss, argnums=tuple(range(8))))
+  exported = jax.export.export(
+      grad, platforms=[platform],
+      disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)])(*args)
+  assert exported.mlir_module().count(call) == 2  # chunk states, chunk outputs
