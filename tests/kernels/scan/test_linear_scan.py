@@ -19,19 +19,19 @@ KERNELS = ("pallas_tpu", "pallas_gpu")
 TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.complex64: 1e-5}
 
 
-def _inputs(seed, dtype, *, length=T, resets=True):
+def _inputs(seed, dtype, *, shape=(B, T, *C), resets=True):
   """a (some exact zeros, |a| <= 1), b, h0 of ``dtype`` and a random reset mask."""
   rng = np.random.default_rng(seed)
-  shape = (B, length, *C)
+  batch, length, *channels = shape
   a = rng.uniform(-1.0, 1.0, shape)
   b = rng.standard_normal(shape)
-  h0 = rng.standard_normal((B, *C))
+  h0 = rng.standard_normal((batch, *channels))
   if jnp.issubdtype(dtype, jnp.complexfloating):
     a = a * np.exp(1j * rng.uniform(0, 2 * np.pi, shape))
     b = b + 1j * rng.standard_normal(shape)
-    h0 = h0 + 1j * rng.standard_normal((B, *C))
+    h0 = h0 + 1j * rng.standard_normal(h0.shape)
   a[rng.uniform(size=shape) < 0.05] = 0
-  reset = rng.uniform(size=(B, length)) < 0.1 if resets else np.zeros((B, length), bool)
+  reset = rng.uniform(size=(batch, length)) < 0.1 if resets else np.zeros((batch, length), bool)
   return tuple(jnp.asarray(x, dtype) for x in (a, b, h0)) + (jnp.asarray(reset),)
 
 
@@ -45,7 +45,8 @@ def _weights(seed, h_shape, last_shape, dtype):
 
 @functools.cache
 def _value_and_grads(implementation, reverse):
-  """Jitted (h, h_last, (da, db, dh0)) of a random linear functional of the outputs."""
+  """Jitted ((da, db, dh0), (h, h_last)) of a linear functional (weights w_h, w_last) of the
+  outputs."""
 
   def loss(a, b, h0, reset, w_h, w_last):
     h, h_last = linear_scan(a, b, h0, reset=reset, reverse=reverse,
@@ -54,6 +55,10 @@ def _value_and_grads(implementation, reverse):
     return jnp.real(value), (h, h_last)
 
   return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+_run = jax.jit(linear_scan, static_argnames=("reverse", "implementation", "chunk_size"))
+_reference = functools.partial(_run, implementation="reference")
 
 
 def _assert_close(got, want, tol, what):
@@ -81,7 +86,8 @@ def _check_against_reference(implementation, dtype, reverse, seed):
 
 
 F32, BF16, C64 = jnp.float32, jnp.bfloat16, jnp.complex64
-# (implementation, dtype, reverse): the chunked default everywhere, the others sampled.
+# (implementation, dtype, reverse): every dtype and direction for the CPU default, a sample of
+# them for the others (which share the checks and casts).
 REFERENCE_CASES = (
     [("reference", F32, False), ("reference", BF16, True), ("reference", C64, True)]
     + [("xla_chunked", d, r) for d in (F32, C64) for r in (False, True)]
@@ -98,6 +104,16 @@ def test_matches_float64_reference(implementation, dtype, reverse):
   interpret mode with grids of several sequence blocks / chunks."""
   seed = zlib.crc32(f"{implementation} {jnp.dtype(dtype).name} {reverse}".encode())
   _check_against_reference(implementation, dtype, reverse, seed)
+
+
+@pytest.mark.parametrize("implementation", KERNELS)
+def test_kernels_span_channel_blocks(implementation):
+  """Enough channels for several channel blocks of either kernel, forward only."""
+  a, b, h0, reset = _inputs(5, jnp.float32, shape=(1, 20, 1100))
+  h, h_last = _run(a, b, h0, reset=reset, implementation=implementation, chunk_size=CHUNK)
+  want_h, want_last = _reference(*(x.astype(jnp.float64) for x in (a, b, h0)), reset=reset)
+  _assert_close(h, want_h, TOL[jnp.float32], "h")
+  _assert_close(h_last, want_last, TOL[jnp.float32], "h_last")
 
 
 def _loop(a, b, h0, reset, reverse):
@@ -119,10 +135,6 @@ def test_reference_is_the_recurrence(reverse):
   want_h, want_last = _loop(a, b, h0, reset, reverse)
   np.testing.assert_allclose(h, want_h, rtol=1e-12, atol=1e-12)
   np.testing.assert_allclose(h_last, want_last, rtol=1e-12, atol=1e-12)
-
-
-_run = jax.jit(linear_scan, static_argnames=("reverse", "implementation", "chunk_size"))
-_reference = functools.partial(_run, implementation="reference")
 
 
 def _assert_same(got, want):
@@ -271,8 +283,8 @@ def test_kernels_lower_for_real_hardware(monkeypatch, platform, implementation, 
                             chunk_size=256, interpret=False)
     return jnp.sum(h.astype(jnp.float32)) + jnp.sum(h_last)
 
-  args = (jax.ShapeDtypeStruct((2, 1000, 300), dtype), jax.ShapeDtypeStruct((2, 1000, 300), dtype),
-          jax.ShapeDtypeStruct((2, 300), jnp.float32), jax.ShapeDtypeStruct((2, 1000), bool))
+  x = jax.ShapeDtypeStruct((2, 1000, 700), dtype)  # several time and channel blocks
+  args = (x, x, jax.ShapeDtypeStruct((2, 700), jnp.float32), jax.ShapeDtypeStruct((2, 1000), bool))
   exported = jax.export.export(
       jax.jit(jax.grad(loss, argnums=(0, 1, 2))), platforms=[platform],
       disabled_checks=[jax.export.DisabledSafetyCheck.custom_call(call)])(*args)
