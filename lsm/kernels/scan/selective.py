@@ -5,11 +5,12 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from lsm.kernels.scan import common
+from lsm.kernels.scan.selective_pallas import selective_scan_pallas, sublanes
 from lsm.kernels.scan.selective_xla import selective_scan_chunked, selective_scan_reference
 
 OP = "selective_scan"
-IMPLEMENTATIONS = ("reference", "xla_chunked")
-_KERNEL_PLATFORMS: dict[str, str] = {}
+IMPLEMENTATIONS = ("reference", "xla_chunked", "pallas_tpu", "pallas_gpu")
+_KERNEL_PLATFORMS = {"pallas_tpu": "tpu", "pallas_gpu": "gpu"}
 
 
 def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, *, reset=None,
@@ -29,7 +30,8 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, *, res
     reset: None or bool [B, T]; True at t: the state entering token t is zero (packed documents).
     delta_softplus: apply the softplus to dt + dt_bias.
     chunk_size: tokens per chunk of the chunked paths; the backward pass of every fast path keeps
-      only the states at chunk boundaries. ``pallas_tpu`` needs a multiple of 8.
+      only the states at chunk boundaries. ``pallas_tpu`` needs a multiple of 8 (16 with
+      16-bit x, dt or z).
     implementation: "reference", "xla_chunked", "pallas_tpu", "pallas_gpu", or None: the Pallas
       kernel of the backend, else "xla_chunked" (logged once). A Pallas implementation asked for
       on CPU runs in interpret mode.
@@ -45,8 +47,12 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, *, res
   args = (x, dt, A, B, C, D, z, dt_bias, h0, reset)
   if implementation == "reference":
     return selective_scan_reference(*args, delta_softplus=bool(delta_softplus), dtype=dtype)
-  return selective_scan_chunked(*args, delta_softplus=bool(delta_softplus),
-                                chunk_size=chunk_size, dtype=dtype)
+  if implementation == "xla_chunked":
+    return selective_scan_chunked(*args, delta_softplus=bool(delta_softplus),
+                                  chunk_size=chunk_size, dtype=dtype)
+  return selective_scan_pallas(
+      *args, delta_softplus=bool(delta_softplus), chunk_size=chunk_size, dtype=dtype,
+      kernel=implementation, interpret=interpret)
 
 
 def _checked(x, dt, A, B, C, D, z, dt_bias, h0, reset, chunk_size, implementation, interpret):
@@ -76,9 +82,10 @@ def _checked(x, dt, A, B, C, D, z, dt_bias, h0, reset, chunk_size, implementatio
   dtype = common.state_dtype(x, dt, A, B, C, D, z, dt_bias, h0)
   if implementation in _KERNEL_PLATFORMS:
     interpret = common.interpret_default(OP, implementation, interpret)
-    if implementation == "pallas_tpu" and chunk_size % 8:
-      raise ValueError(f"{OP}: implementation='pallas_tpu' needs chunk_size a multiple of 8 "
-                       f"(the sublane tile), got {chunk_size}")
+    rows = sublanes(x, dt, z)
+    if implementation == "pallas_tpu" and chunk_size % rows:
+      raise ValueError(f"{OP}: implementation='pallas_tpu' needs chunk_size a multiple of {rows} "
+                       f"(a sublane tile of {rows} tokens for these dtypes), got {chunk_size}")
     if not interpret and jnp.dtype(dtype) != jnp.float32:
       raise TypeError(f"{OP}: compiled {implementation!r} kernels carry the state in float32; "
                       f"got inputs that need {jnp.dtype(dtype).name} (use 'reference' or "

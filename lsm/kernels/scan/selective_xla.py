@@ -13,8 +13,6 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lsm.kernels.attention.pallas_common import padded
-
 _HIGHEST = lax.Precision.HIGHEST
 
 
@@ -35,7 +33,7 @@ def gated(y_BTE, x_BTE, D_E, z_BTE):
   return y_BTE
 
 
-def _initial_state(h0, batch: int, channels: int, state: int, dtype):
+def initial_state(h0, batch: int, channels: int, state: int, dtype):
   if h0 is None:
     return jnp.zeros((batch, channels, state), dtype)
   return h0.astype(dtype)
@@ -48,7 +46,7 @@ def selective_scan_reference(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_
   delta_BTE = deltas(dt, dt_bias, delta_softplus, dtype)
   x_BTE = x.astype(dtype)
   A_EN = A.astype(dtype)
-  h = _initial_state(h0, batch, channels, A.shape[1], dtype)
+  h = initial_state(h0, batch, channels, A.shape[1], dtype)
   reset_BT = jnp.zeros(x.shape[:2], jnp.bool_) if reset is None else reset
 
   def step(h_BEN, inputs):
@@ -87,6 +85,21 @@ def chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL):
   return y_BLE, h_BLEN[:, -1]
 
 
+def chunk_outputs(h_BEN, x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, D_E, z_BLE, dt_bias_E, reset_BL, *,
+                  delta_softplus: bool):
+  """One chunk of the whole op from its entering state: (y [B, L, E] in x's dtype, state after
+  the chunk). The chunked path and the backward pass of the Pallas kernels run this."""
+  dtype = h_BEN.dtype
+  delta_BLE = deltas(dt_BLE, dt_bias_E, delta_softplus, dtype)
+  y_BLE, h_BEN = chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL)
+  return gated(y_BLE, x_BLE, D_E, z_BLE).astype(x_BLE.dtype), h_BEN
+
+
+def take(v, start, size: int):
+  """Tokens [start, start + size) of a [B, T, ...] array (None stays None)."""
+  return None if v is None else lax.dynamic_slice_in_dim(v, start, size, 1)
+
+
 def selective_scan_chunked(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_softplus: bool,
                            chunk_size: int, dtype):
   """`lax.scan` over chunks of ``chunk_size`` tokens, each rematerialised in the backward pass.
@@ -97,15 +110,13 @@ def selective_scan_chunked(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_so
   batch, length, channels = x.shape
   chunk = min(chunk_size, length)
   full_chunks, tail = divmod(length, chunk)
-  h = _initial_state(h0, batch, channels, A.shape[1], dtype)
-  A_EN = A.astype(dtype)
+  h = initial_state(h0, batch, channels, A.shape[1], dtype)
 
   def run(h_BEN, start, size: int):
-    take = lambda v: None if v is None else lax.dynamic_slice_in_dim(v, start, size, 1)  # noqa
-    x_BLE = take(x)
-    delta_BLE = deltas(take(dt), dt_bias, delta_softplus, dtype)
-    y_BLE, h_BEN = chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, take(B), take(C), take(reset))
-    return gated(y_BLE, x_BLE, D, take(z)).astype(x.dtype), h_BEN
+    seq = (take(v, start, size) for v in (x, dt, B, C, z, reset))
+    x_c, dt_c, B_c, C_c, z_c, reset_c = seq
+    return chunk_outputs(h_BEN, x_c, dt_c, A, B_c, C_c, D, z_c, dt_bias, reset_c,
+                         delta_softplus=delta_softplus)
 
   @jax.checkpoint
   def body(h_BEN, index):

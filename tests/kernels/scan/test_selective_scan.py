@@ -19,7 +19,7 @@ FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 # T = 37 is not a multiple of the chunk; E = 6, N = 4.
 SHAPE = dict(b=2, t=37, e=6, n=4)
-CHUNK = 8
+CHUNK = 16
 ARG_NAMES = ("x", "dt", "A", "B", "C", "D", "z", "dt_bias", "h0")
 
 
@@ -81,8 +81,8 @@ def _loss_and_grads(args, implementation, reset, weights, **kw):
     y, h = _run(full, implementation, reset, **kw)
     return jnp.sum(y.astype(jnp.float64) * w_y) + jnp.sum(h.astype(jnp.float64) * w_h), (y, h)
 
-  grads, (y, h) = jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True)(
-      *(args[k] for k in names))
+  grad = jax.jit(jax.grad(loss, argnums=tuple(range(len(names))), has_aux=True))
+  grads, (y, h) = grad(*(args[k] for k in names))
   return y, h, dict(zip(names, grads))
 
 
