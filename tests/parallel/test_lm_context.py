@@ -146,3 +146,36 @@ def test_config_errors_name_the_keys():
     _config("parallel.sequence=4", "model.attention.context_parallel.strategy=ulysses")
   with pytest.raises(ConfigError, match="context_parallel.layout"):
     _config("model.attention.context_parallel.layout=zag")
+
+
+@pytest.mark.parametrize("pattern,mesh_shape", [
+    ("[mamba2,attention]", dict(data=2, fsdp=1, sequence=4, tensor=1)),
+    ("[mamba,s4d]", dict(data=1, fsdp=1, sequence=8, tensor=1)),
+])
+def test_scan_mixers_with_the_sequence_sharded_equal_one_device(pattern, mesh_shape):
+  """Hybrid SSM + ring attention models share one mesh: scans fold their states over the
+  sequence axis, attention rings over it (tokens in the contiguous layout)."""
+  config = _config(f"model.layer_pattern={pattern}", "model.attention.context_parallel.layout="
+                   "contiguous", "model.attention.context_parallel.strategy=ring",
+                   "model.attention.implementation=xla", "model.ssm.state_size=4",
+                   "model.ssm.head_dim=16", "model.ssm.chunk_size=4")
+  (loss, _), grads = _loss_and_grads(config, mesh_shape)
+  (loss0, _), grads0 = _loss_and_grads(config, None)
+  assert abs(float(loss) - float(loss0)) <= 1e-5 * abs(float(loss0))
+  for path, g, g0 in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(grads),
+                         jax.tree.leaves(grads0)):
+    assert normalised_error(g, g0) <= 1e-5, path[0]
+
+
+def test_scan_mixers_need_the_contiguous_layout():
+  config = _config("model.layer_pattern=[mamba2,attention]", "model.ssm.head_dim=16")
+  model = _model(config)
+  with jax.set_mesh(parallel.make_mesh(dict(data=1, fsdp=1, sequence=8, tensor=1))):
+    with pytest.raises(ValueError, match="scan their tokens in order \\(mamba2\\).*"
+                                         "layout=contiguous, got 'zigzag'"):
+      model(jnp.zeros((2, T), jnp.int32))
+  from lsm.train.loop import check_layer_pattern_or_raise
+  with pytest.raises(ConfigError, match="parallel.sequence=4 set model.attention.context_parallel"
+                                        ".layout=contiguous"):
+    check_layer_pattern_or_raise(_config("model.layer_pattern=[mamba2,attention]",
+                                         "parallel.sequence=4"))
