@@ -107,7 +107,7 @@ def cauchy(v, z, w):
 
 
 def s4_kernel(Lambda, P, Q, B, C, dt, length: int):
-  """The bilinear S4 kernel ``K [H, length]``, ``K_l = 2 Re(C Ā^l B̄)``, for ``A = diag(Λ) - P Q^*``.
+  """The bilinear S4 kernel K [H, length], ``K_l = 2 Re(C Ā^l B̄)``, ``A = diag(Λ) - P Q^*``.
 
   The truncated generating function ``sum_{l<L} K_l z^l = C̃ (I - zĀ)^{-1} B̄`` with
   ``C̃ = C (I - Ā^L)`` is exact at the L-th roots of unity, where an inverse FFT reads K off.
