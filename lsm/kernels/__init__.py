@@ -1,5 +1,5 @@
 """Pure functions on arrays, one folder per op: no Flax, no config."""
 
-from lsm.kernels import attention
+from lsm.kernels import attention, scan
 
-__all__ = ["attention"]
+__all__ = ["attention", "scan"]

@@ -249,6 +249,9 @@ class S4D(_S4Mixer):
       y_BTH = y_BTH + ops.diagonal_state_response(h0, abar_HN, c_HN, t)
       return y_BTH, ops.diagonal_final_state(u_BTH, abar_HN, bbar_HN, h0)
 
+    if h0 is None and pscan.sequence_shards() > 1:
+      # Sequence-sharded: the scan folds states across devices, where one FFT would gather.
+      return recurrence()[0], None
     if h0 is None:
       return _either(reset, lambda: recurrence()[0], lambda: convolution()[0]), None
     return _either(reset, recurrence, convolution)
