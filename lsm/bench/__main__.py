@@ -9,9 +9,10 @@ if sys.argv[1:2] == ["context"]:
   if _FLAG not in os.environ.get("XLA_FLAGS", "").split():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
-from lsm.bench import attention, context, train  # noqa: E402
+from lsm.bench import attention, context, scan, train  # noqa: E402
 
-BENCHMARKS = {"attention": attention.main, "context": context.main, "train": train.main}
+BENCHMARKS = {"attention": attention.main, "context": context.main, "scan": scan.main,
+              "train": train.main}
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,9 @@ Modes, all exact (the same outputs up to rounding):
     restart the state, so ``lax.cond(any(reset), recurrence, convolution)`` picks per call (a
     static choice when segment_ids are host numpy). S4D runs `linear_scan` on the complex
     (Ā, B̄ u); S4 a `lax.scan` of its dense discretised step;
+  * with the sequence sharded over a mesh's ``sequence`` axis, S4D always runs its recurrence
+    (`lsm.parallel.scan.linear_scan` folds the states across devices); S4's convolution and
+    dense recurrence are left to XLA, which gathers the sequence;
   * with a cache: one token is one recurrent step. S4D prefills by convolution, adding what the
     carried state contributes (``2 Re(C Ā^{t+1} h0)``) and computing the final state in closed
     form (`diagonal_final_state`); S4 prefills with its recurrence, which gives both at once.

@@ -19,7 +19,7 @@ import numpy as np
 from jax import lax
 
 from lsm.kernels.scan import selective_pallas_gpu, selective_pallas_tpu
-from lsm.kernels.scan.selective_xla import chunk_outputs, initial_state, take
+from lsm.kernels.scan.selective_xla import chunk_outputs, initial_state, take, unchunk, window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,46 +36,38 @@ class Static:
 def _backward(st: Static, residuals, cotangents):
   x, dt, A, B, C, D, z, dt_bias, h0, reset, states_nBEN = residuals
   dy_BTE, dh_BEN = cotangents
-  batch, length, channels = x.shape
-  full_chunks, tail = divmod(length, st.chunk)
   params = (A, D, dt_bias)
+  # A TPU sequence block longer than T is one chunk of T tokens.
+  chunk = min(st.chunk, st.length)
 
-  def chunk_grads(index, size: int, dh_BEN, acc):
-    start = index * st.chunk
-    seq = tuple(take(v, start, size) for v in (x, dt, B, C, z))
+  def body(carry, index):
+    dh_BEN, acc = carry
+    start, done = window(index, st.length, chunk)
+    seq = tuple(take(v, start, chunk) for v in (x, dt, B, C, z))
+    reset_c = take(reset, start, chunk)
 
-    def chunk(h_BEN, seq, params):
+    def outputs(h_BEN, seq, params):
       x_c, dt_c, B_c, C_c, z_c = seq
       A_, D_, dt_bias_ = params
-      return chunk_outputs(h_BEN, x_c, dt_c, A_, B_c, C_c, D_, z_c, dt_bias_,
-                           take(reset, start, size), delta_softplus=st.delta_softplus)
+      return chunk_outputs(h_BEN, x_c, dt_c, A_, B_c, C_c, D_, z_c, dt_bias_, reset_c,
+                           done=done, delta_softplus=st.delta_softplus)
 
     h_BEN = lax.dynamic_index_in_dim(states_nBEN, index, 0, keepdims=False)
-    _, pull = jax.vjp(chunk, h_BEN, seq, params)
-    dh_BEN, d_seq, d_params = pull((take(dy_BTE, start, size), dh_BEN))
+    _, pull = jax.vjp(outputs, h_BEN, seq, params)
+    # Tokens of the chunk before (the first ``done``) get no cotangent here: theirs is there.
+    fresh_L = jnp.arange(chunk) >= done
+    dy_c = jnp.where(fresh_L[None, :, None], take(dy_BTE, start, chunk), 0)
+    dh_BEN, d_seq, d_params = pull((dy_c, dh_BEN))
     acc = jax.tree.map(lambda a, g: a + g.astype(a.dtype), acc, d_params)
-    return dh_BEN, d_seq, acc
+    return (dh_BEN, acc), d_seq
 
   # Parameter gradients are summed over chunks in (at least) float32.
   acc = jax.tree.map(lambda p: jnp.zeros(p.shape, jnp.promote_types(p.dtype, jnp.float32)),
                      params)
-  dh_BEN = dh_BEN.astype(st.dtype)
-  d_tail = None
-  if tail:
-    dh_BEN, d_tail, acc = chunk_grads(full_chunks, tail, dh_BEN, acc)
-
-  def body(carry, index):
-    dh_BEN, d_seq, acc = chunk_grads(index, st.chunk, *carry)
-    return (dh_BEN, acc), d_seq
-
-  (dh_BEN, acc), d_seq_n = lax.scan(body, (dh_BEN, acc), jnp.arange(full_chunks), reverse=True)
-
-  def whole(d_n, d_last):
-    d = jnp.moveaxis(d_n, 0, 1).reshape(batch, full_chunks * st.chunk, *d_n.shape[3:])
-    return d if d_last is None else jnp.concatenate([d, d_last], axis=1)
-
-  dx, ddt, dB, dC, dz = (None if d is None else whole(d, None if d_tail is None else d_tail[i])
-                         for i, d in enumerate(d_seq_n))
+  carry = (dh_BEN.astype(st.dtype), acc)
+  n_chunks = states_nBEN.shape[0]
+  (dh_BEN, acc), d_seq_n = lax.scan(body, carry, jnp.arange(n_chunks), reverse=True)
+  dx, ddt, dB, dC, dz = (None if d is None else unchunk(d, st.length) for d in d_seq_n)
   dA, dD, d_bias = (None if a is None else a.astype(p.dtype) for a, p in zip(acc, params))
   return dx, ddt, dA, dB, dC, dD, dz, d_bias, dh_BEN.astype(h0.dtype), None
 
@@ -110,11 +102,10 @@ def selective_scan_pallas(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_sof
                           chunk_size: int, dtype, kernel: str, interpret: bool):
   """The ``kernel`` implementation ("pallas_tpu" or "pallas_gpu") on checked arguments."""
   batch, length, channels = x.shape
-  if kernel == "pallas_tpu":
+  chunk = min(chunk_size, length)
+  if kernel == "pallas_tpu":  # the sequence block: whole strips of sublanes
     rows = sublanes(x, dt, z)
-    chunk = min(chunk_size, -(-length // rows) * rows)
-  else:
-    chunk = min(chunk_size, length)
+    chunk = -(-chunk // rows) * rows
   st = Static(chunk=chunk, length=length, delta_softplus=delta_softplus,
               dtype=jnp.dtype(dtype), interpret=interpret)
   h0 = initial_state(h0, batch, channels, A.shape[1], dtype)

@@ -64,7 +64,8 @@ def _kernel(x_ref, dt_ref, bias_ref, a_ref, d_ref, b_ref, c_ref, h0_ref, *refs, 
     return lax.fori_loop(start, jnp.minimum(start + st.chunk, st.length), token, h_NE)
 
   n_chunks = -(-st.length // st.chunk)
-  h_NE = lax.fori_loop(0, n_chunks, chunk, h0_ref[...].astype(cd))
+  # int32 bounds keep the loop indices int32 under jax_enable_x64 too.
+  h_NE = lax.fori_loop(jnp.int32(0), jnp.int32(n_chunks), chunk, h0_ref[...].astype(cd))
   h_last_ref[...] = h_NE.astype(h_last_ref.dtype)
 
 

@@ -88,7 +88,8 @@ def _kernel(x_ref, dt_ref, bias_ref, a_ref, d_ref, b_ref, c_ref, h0_ref, *refs, 
     y_ref[tokens, :] = y_RE.astype(y_ref.dtype)
     return h_NE
 
-  h_NE = lax.fori_loop(0, block // rows, strip, h_sc[...])
+  # int32 bounds keep the loop index int32 under jax_enable_x64 too.
+  h_NE = lax.fori_loop(jnp.int32(0), jnp.int32(block // rows), strip, h_sc[...])
   h_sc[...] = h_NE
 
   @pl.when(s == pl.num_programs(2) - 1)

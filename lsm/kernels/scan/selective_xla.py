@@ -86,13 +86,28 @@ def chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL):
 
 
 def chunk_outputs(h_BEN, x_BLE, dt_BLE, A_EN, B_BLN, C_BLN, D_E, z_BLE, dt_bias_E, reset_BL, *,
-                  delta_softplus: bool):
+                  done, delta_softplus: bool):
   """One chunk of the whole op from its entering state: (y [B, L, E] in x's dtype, state after
-  the chunk). The chunked path and the backward pass of the Pallas kernels run this."""
+  the chunk). The first ``done`` tokens were scanned by the chunk before (see `window`): they
+  get Δ = 0 and no reset, so they leave the state alone (their y is garbage). The chunked path
+  and the backward pass of the Pallas kernels run this."""
   dtype = h_BEN.dtype
   delta_BLE = deltas(dt_BLE, dt_bias_E, delta_softplus, dtype)
+  fresh_L = jnp.arange(x_BLE.shape[1]) >= done
+  delta_BLE = jnp.where(fresh_L[None, :, None], delta_BLE, 0.0)
+  if reset_BL is not None:
+    reset_BL = reset_BL & fresh_L[None, :]
   y_BLE, h_BEN = chunk_scan(h_BEN, x_BLE, delta_BLE, A_EN, B_BLN, C_BLN, reset_BL)
   return gated(y_BLE, x_BLE, D_E, z_BLE).astype(x_BLE.dtype), h_BEN
+
+
+def window(index, length: int, chunk: int):
+  """(start, done) of chunk ``index``: its ``chunk`` tokens start at ``index * chunk``, except
+  that the last chunk of a T that ``chunk`` does not divide ends at T, so its first ``done``
+  tokens belong to the chunk before. Every chunk then has one shape (one compiled body) and
+  nothing is padded."""
+  start = jnp.minimum(index * chunk, length - chunk)
+  return start, index * chunk - start
 
 
 def take(v, start, size: int):
@@ -100,32 +115,34 @@ def take(v, start, size: int):
   return None if v is None else lax.dynamic_slice_in_dim(v, start, size, 1)
 
 
+def unchunk(v_nBL, length: int):
+  """Per-chunk [n, B, L, ...] (chunks placed by `window`) -> [B, length, ...]."""
+  n, batch, chunk = v_nBL.shape[:3]
+  if n * chunk == length:
+    return jnp.moveaxis(v_nBL, 0, 1).reshape(batch, length, *v_nBL.shape[3:])
+  head = jnp.moveaxis(v_nBL[:n - 1], 0, 1).reshape(batch, (n - 1) * chunk, *v_nBL.shape[3:])
+  last = v_nBL[n - 1][:, n * chunk - length:]
+  return jnp.concatenate([head, last], axis=1)
+
+
 def selective_scan_chunked(x, dt, A, B, C, D, z, dt_bias, h0, reset, *, delta_softplus: bool,
                            chunk_size: int, dtype):
   """`lax.scan` over chunks of ``chunk_size`` tokens, each rematerialised in the backward pass.
 
-  Every chunk slices its tokens out of the full-length inputs inside the rematerialised body
-  (the residuals of a chunk are its entering state and index only); a last, shorter chunk takes
-  the T % chunk_size tokens left, so nothing is padded."""
+  Every chunk slices its tokens out of the full-length inputs inside the rematerialised body,
+  so the residuals of a chunk are its entering state and its index, and nothing is padded or
+  copied into chunk-major order."""
   batch, length, channels = x.shape
   chunk = min(chunk_size, length)
-  full_chunks, tail = divmod(length, chunk)
   h = initial_state(h0, batch, channels, A.shape[1], dtype)
-
-  def run(h_BEN, start, size: int):
-    seq = (take(v, start, size) for v in (x, dt, B, C, z, reset))
-    x_c, dt_c, B_c, C_c, z_c, reset_c = seq
-    return chunk_outputs(h_BEN, x_c, dt_c, A, B_c, C_c, D, z_c, dt_bias, reset_c,
-                         delta_softplus=delta_softplus)
 
   @jax.checkpoint
   def body(h_BEN, index):
-    y_BLE, h_BEN = run(h_BEN, index * chunk, chunk)
+    start, done = window(index, length, chunk)
+    x_c, dt_c, B_c, C_c, z_c, reset_c = (take(v, start, chunk) for v in (x, dt, B, C, z, reset))
+    y_BLE, h_BEN = chunk_outputs(h_BEN, x_c, dt_c, A, B_c, C_c, D, z_c, dt_bias, reset_c,
+                                 done=done, delta_softplus=delta_softplus)
     return h_BEN, y_BLE
 
-  h, y_nBLE = lax.scan(body, h, jnp.arange(full_chunks))
-  y_BTE = jnp.moveaxis(y_nBLE, 0, 1).reshape(batch, full_chunks * chunk, channels)
-  if tail:
-    y_tail, h = jax.checkpoint(run, static_argnums=(2,))(h, full_chunks * chunk, tail)
-    y_BTE = jnp.concatenate([y_BTE, y_tail], axis=1)
-  return y_BTE, h
+  h, y_nBLE = lax.scan(body, h, jnp.arange(-(-length // chunk)))
+  return unchunk(y_nBLE, length), h
