@@ -141,7 +141,8 @@ def forward(st, x, dt, A, B, C, D, z, dt_bias, h0, reset):
     keep = (~reset).astype(jnp.float32)[..., None]
     args.append(_strips(keep, t_p, rows, value=1.0))
     in_specs.append(pl.BlockSpec((None, block // rows, 1, rows), lambda b, e, s: (b, s, 0, 0)))
-  out_shape = [jax.ShapeDtypeStruct((batch, t_p, e_p), x.dtype), jax.ShapeDtypeStruct((batch, state, e_p), cd),
+  out_shape = [jax.ShapeDtypeStruct((batch, t_p, e_p), x.dtype),
+               jax.ShapeDtypeStruct((batch, state, e_p), cd),
                jax.ShapeDtypeStruct((n_seq, batch, state, e_p), cd)]
   out_specs = [seq_spec, state_spec,
                pl.BlockSpec((None, None, state, e_blk), lambda b, e, s: (s, b, 0, e))]
