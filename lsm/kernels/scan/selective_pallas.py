@@ -27,7 +27,7 @@ class Static:
   """What a kernel call is specialised on (the custom_vjp's non-differentiable argument)."""
 
   chunk: int  # tokens between saved states; the TPU kernel's sequence block
-  length: int  # T (the kernels pad to a multiple of ``chunk``; padding tokens get Δ = 0)
+  length: int  # T (the TPU kernel pads to a multiple of ``chunk``; padding tokens get Δ = 0)
   delta_softplus: bool
   dtype: np.dtype  # state / compute dtype
   interpret: bool
