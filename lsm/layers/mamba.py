@@ -17,8 +17,8 @@ A_log, D and dt_bias are float32 whatever ``param_dtype`` is; the states are flo
 
 Logical axis names: ``embed`` (d_model), ``mlp`` (Mamba's inner width E), ``heads`` /
 ``head_dim`` (Mamba-2's E = H * P), ``kv_heads`` (Mamba-2's B/C groups, shared by heads the way
-key/value heads are), ``state`` for the small replicated SSM dimensions (N, the conv taps and
-Mamba's dt rank).
+key/value heads are), ``state`` for N, ``conv`` for the conv taps and ``rank`` for Mamba's dt
+rank (all three replicated).
 """
 
 from __future__ import annotations
@@ -181,15 +181,15 @@ class Mamba(_SSMMixer):
     f32 = jnp.float32
     self.in_x = logical_param(_project, rngs.params(), (d, e), ("embed", "mlp"), param_dtype)
     self.in_z = logical_param(_project, rngs.params(), (d, e), ("embed", "mlp"), param_dtype)
-    self.conv_weight = logical_param(_conv_init, rngs.params(), (w, e), ("state", "mlp"),
+    self.conv_weight = logical_param(_conv_init, rngs.params(), (w, e), ("conv", "mlp"),
                                      param_dtype)
     self.conv_bias = logical_param(nnx.initializers.zeros, None, (e,), ("mlp",), param_dtype)
-    self.x_dt = logical_param(_project, rngs.params(), (e, r), ("mlp", "state"), param_dtype)
+    self.x_dt = logical_param(_project, rngs.params(), (e, r), ("mlp", "rank"), param_dtype)
     self.x_B = logical_param(_project, rngs.params(), (e, n), ("mlp", "state"), param_dtype)
     self.x_C = logical_param(_project, rngs.params(), (e, n), ("mlp", "state"), param_dtype)
     self.dt_proj = logical_param(
         nnx.initializers.variance_scaling(1 / 3, "fan_in", "uniform"), rngs.params(), (r, e),
-        ("state", "mlp"), param_dtype)
+        ("rank", "mlp"), param_dtype)
     self.dt_bias = logical_param(_dt_bias_init(self.dt_min, self.dt_max), rngs.params(), (e,),
                                  ("mlp",), f32)
     # S4D-real: A_n = -(n + 1) in every channel.
@@ -320,11 +320,11 @@ class Mamba2(_SSMMixer):
                               param_dtype)
     self.in_dt = logical_param(_project, rngs.params(), (d, h), ("embed", "heads"),
                                param_dtype)
-    self.conv_x = logical_param(_conv_init, rngs.params(), (w, h, p), ("state", *heads),
+    self.conv_x = logical_param(_conv_init, rngs.params(), (w, h, p), ("conv", *heads),
                                 param_dtype)
-    self.conv_B = logical_param(_conv_init, rngs.params(), (w, g, n), ("state", *groups),
+    self.conv_B = logical_param(_conv_init, rngs.params(), (w, g, n), ("conv", *groups),
                                 param_dtype)
-    self.conv_C = logical_param(_conv_init, rngs.params(), (w, g, n), ("state", *groups),
+    self.conv_C = logical_param(_conv_init, rngs.params(), (w, g, n), ("conv", *groups),
                                 param_dtype)
     self.conv_bias_x = logical_param(nnx.initializers.zeros, None, (h, p), heads, param_dtype)
     self.conv_bias_B = logical_param(nnx.initializers.zeros, None, (g, n), groups, param_dtype)

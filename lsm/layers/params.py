@@ -8,8 +8,10 @@ import jax
 from flax import nnx
 
 # The logical axis names of lsm (DESIGN.md, contract 4); one rules table maps them to mesh axes.
+# "conv" (a causal conv's taps) and "rank" (a low-rank bottleneck, Mamba's dt rank) are lsm's
+# additions for the SSM layers; like "state" they are never sharded.
 LOGICAL_AXES = ("batch", "length", "embed", "heads", "kv_heads", "head_dim", "mlp", "vocab",
-                "state", "layers")
+                "state", "conv", "rank", "layers")
 
 
 def logical_param(initializer: Callable, key: jax.Array, shape: Sequence[int],

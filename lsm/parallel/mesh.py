@@ -28,6 +28,8 @@ RULES: dict[str, tuple[str, ...] | None] = {
     "vocab": ("tensor",),
     "head_dim": None,
     "state": None,
+    "conv": None,
+    "rank": None,
     "layers": None,
 }
 

@@ -127,9 +127,9 @@ def test_parameters_names_and_dtypes():
   names = {path: tuple(v.get_value()) for path, v in nnx.to_flat_state(specs)}
   assert names == {
       ("in_x",): ("embed", "mlp"), ("in_z",): ("embed", "mlp"),
-      ("conv_weight",): ("state", "mlp"), ("conv_bias",): ("mlp",),
-      ("x_dt",): ("mlp", "state"), ("x_B",): ("mlp", "state"), ("x_C",): ("mlp", "state"),
-      ("dt_proj",): ("state", "mlp"), ("dt_bias",): ("mlp",), ("A_log",): ("mlp", "state"),
+      ("conv_weight",): ("conv", "mlp"), ("conv_bias",): ("mlp",),
+      ("x_dt",): ("mlp", "rank"), ("x_B",): ("mlp", "state"), ("x_C",): ("mlp", "state"),
+      ("dt_proj",): ("rank", "mlp"), ("dt_bias",): ("mlp",), ("A_log",): ("mlp", "state"),
       ("D",): ("mlp",), ("out",): ("mlp", "embed")}
   assert layer.in_x[...].dtype == jnp.bfloat16 and layer.in_x.shape == (16, 32)
   assert layer.dt_proj.shape == (1, 32)
@@ -146,7 +146,7 @@ def test_parameters_names_and_dtypes():
   names = {path: tuple(v.get_value()) for path, v in nnx.to_flat_state(specs)}
   assert names[("in_x",)] == ("embed", "heads", "head_dim")
   assert names[("in_B",)] == ("embed", "kv_heads", "state")
-  assert names[("conv_x",)] == ("state", "heads", "head_dim")
+  assert names[("conv_x",)] == ("conv", "heads", "head_dim")
   assert names[("out",)] == ("heads", "head_dim", "embed")
   assert names[("norm", "scale")] == ("heads", "head_dim")
   assert layer2.num_heads == 4 and layer2.A_log.shape == (4,) and layer2.in_B.shape == (16, 2, 4)
