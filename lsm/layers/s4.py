@@ -197,7 +197,9 @@ def _either(reset, recurrence, convolution):
   """Convolution unless a document starts inside the call (reset None: none does)."""
   if reset is None:
     return convolution()
-  return lax.cond(jnp.any(reset), recurrence, convolution)
+  # Differentiating a cond keeps every branch's residuals (zeros for the branch not taken); with
+  # the branches rematerialised those are the small inputs, not the recurrence's [B,T,H,N] states.
+  return lax.cond(jnp.any(reset), jax.checkpoint(recurrence), jax.checkpoint(convolution))
 
 
 class S4D(_S4Mixer):
