@@ -15,6 +15,7 @@ import pytest
 
 from lsm.kernels.scan import common, selective, selective_xla
 from lsm.kernels.scan.selective import IMPLEMENTATIONS, selective_scan
+from tests.kernels.scan.helpers import assert_close
 
 FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
@@ -38,18 +39,6 @@ def _draw(seed, b, t, e, n, *, reset_rate=0.1):
       dt_bias=0.5 * rng.normal(size=(e,)), h0=rng.normal(size=(b, e, n)))
   reset = rng.random((b, t)) < reset_rate
   return args, reset
-
-
-def _error(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  assert x.shape == ref.shape, (x.shape, ref.shape)
-  assert np.all(np.isfinite(x))
-  return float(np.max(np.abs(x - ref))) / max(float(np.max(np.abs(ref))), 1e-30)
-
-
-def _assert_close(x, ref, tol, what):
-  err = _error(x, ref)
-  assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g}"
 
 
 def _cast(args, dtype):
@@ -116,11 +105,11 @@ def test_matches_reference(implementation, dtype, left_out):
   got = _loss_and_grads(_cast(args, dtype), implementation, reset, weights, chunk_size=CHUNK)
   tol = TOLERANCE[jnp.dtype(dtype)]
   assert got[0].dtype == dtype and got[1].dtype == jnp.float32
-  _assert_close(got[0], ref[0], tol, "y")
-  _assert_close(got[1], ref[1], tol, "h_last")
+  assert_close(got[0], ref[0], tol, "y")
+  assert_close(got[1], ref[1], tol, "h_last")
   assert set(got[2]) == set(ref[2]) == {k for k in ARG_NAMES if args[k] is not None}
   for name in ref[2]:
-    _assert_close(got[2][name], ref[2][name], tol, f"d/d{name}")
+    assert_close(got[2][name], ref[2][name], tol, f"d/d{name}")
 
 
 @pytest.mark.parametrize("implementation", ("pallas_tpu", "pallas_gpu"))
@@ -131,8 +120,8 @@ def test_kernels_with_several_channel_blocks(implementation):
   reset = jnp.asarray(reset)
   y_ref, h_ref = _forward("reference")(_cast(args, jnp.float64), reset)
   y, h = _forward(implementation, chunk_size=16)(_cast(args, jnp.float32), reset)
-  _assert_close(y, y_ref, 1e-5, "y")
-  _assert_close(h, h_ref, 1e-5, "h_last")
+  assert_close(y, y_ref, 1e-5, "y")
+  assert_close(h, h_ref, 1e-5, "h_last")
 
 
 def test_reference_is_the_recurrence():
@@ -174,16 +163,16 @@ def test_packed_and_chained(implementation):
   y, h = run(dict(args, h0=zeros), packed)
   y1, _ = run(dict(_split(args, 0, cut), h0=zeros), no_reset[:, :cut])
   y2, h2 = run(dict(_split(args, cut, None), h0=zeros), no_reset[:, cut:])
-  _assert_close(y[:, :cut], y1, 1e-6, "first document")
-  _assert_close(y[:, cut:], y2, 1e-6, "second document")
-  _assert_close(h, h2, 1e-6, "h_last of the packed row")
+  assert_close(y[:, :cut], y1, 1e-6, "first document")
+  assert_close(y[:, cut:], y2, 1e-6, "second document")
+  assert_close(h, h2, 1e-6, "h_last of the packed row")
 
   reset = jnp.asarray(reset)
   y, h = run(args, reset)
   y1, h1 = run(_split(args, 0, cut), reset[:, :cut])
   y2, h2 = run(dict(_split(args, cut, None), h0=h1), reset[:, cut:])
-  _assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "chained y")
-  _assert_close(h2, h, 1e-6, "chained h_last")
+  assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "chained y")
+  assert_close(h2, h, 1e-6, "chained h_last")
 
 
 def test_causal():

@@ -14,6 +14,7 @@ import pytest
 from lsm.kernels.scan import common
 from lsm.kernels.scan.ssd import IMPLEMENTATIONS
 from lsm.kernels.scan.ssd import ssd as ssd_eager
+from tests.kernels.scan.helpers import assert_close
 
 FAST = tuple(i for i in IMPLEMENTATIONS if i != "reference")
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
@@ -51,18 +52,6 @@ def _resets(b, t, positions):
   return jnp.asarray(reset)
 
 
-def _error(x, ref) -> float:
-  x, ref = np.asarray(x, np.float64), np.asarray(ref, np.float64)
-  assert x.shape == ref.shape, (x.shape, ref.shape)
-  assert np.all(np.isfinite(x))
-  return float(np.max(np.abs(x - ref))) / max(float(np.max(np.abs(ref))), 1e-30)
-
-
-def _assert_close(x, ref, tol, what):
-  err = _error(x, ref)
-  assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g}"
-
-
 @functools.partial(jax.jit, static_argnames=("implementation", "chunk_size"),
                    compiler_options=_QUICK_COMPILE)
 def _outputs_and_grads(inputs, reset, implementation, chunk_size=CHUNK):
@@ -95,11 +84,11 @@ def test_matches_reference(implementation, dtype, groups):
   y_ref, h_ref, grads_ref = _outputs_and_grads(wide, reset, "reference")
   assert y.dtype == dtype and h_last.dtype == jnp.float32
   tol = TOLERANCE[jnp.dtype(dtype)]
-  _assert_close(y, y_ref, tol, "y")
-  _assert_close(h_last, h_ref, tol, "h_last")
+  assert_close(y, y_ref, tol, "y")
+  assert_close(h_last, h_ref, tol, "h_last")
   for name in ARGNAMES:
     assert grads[name].dtype == inputs[name].dtype
-    _assert_close(grads[name], grads_ref[name], tol, f"d{name}")
+    assert_close(grads[name], grads_ref[name], tol, f"d{name}")
 
 
 def _pieces(inputs, cut):
@@ -131,8 +120,8 @@ def test_packed_equals_separate(implementation):
                  h0=jnp.concatenate([row[1]["h0"], zero]), implementation="reference")
   want = jnp.stack([jnp.concatenate([y16[0], y24[1]]), jnp.concatenate([y24[0], y16[1]])])
   tol = TOLERANCE[jnp.dtype(jnp.float32)]
-  _assert_close(y, want, tol, "y")
-  _assert_close(h_last, jnp.stack([h24[1], h16[1]]), tol, "h_last")
+  assert_close(y, want, tol, "y")
+  assert_close(h_last, jnp.stack([h24[1], h16[1]]), tol, "h_last")
 
 
 @pytest.mark.parametrize("implementation", IMPLEMENTATIONS)
@@ -144,8 +133,8 @@ def test_state_chaining(implementation):
   first, second = _pieces(inputs, slice(None, 20)), _pieces(inputs, slice(20, None))
   y1, h1 = ssd(**first, h0=inputs["h0"], chunk_size=CHUNK, implementation=implementation)
   y2, h2 = ssd(**second, h0=h1, chunk_size=CHUNK, implementation=implementation)
-  _assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "y")
-  _assert_close(h2, h_last, 1e-6, "h_last")
+  assert_close(jnp.concatenate([y1, y2], axis=1), y, 1e-6, "y")
+  assert_close(h2, h_last, 1e-6, "h_last")
 
 
 @pytest.mark.parametrize("implementation", FAST)
@@ -155,8 +144,8 @@ def test_chunk_size_independent(implementation):
   reset = _resets(2, 40, [(0, 16), (1, 24)])
   y16, h16 = ssd(**inputs, reset=reset, chunk_size=CHUNK, implementation=implementation)
   y12, h12 = ssd(**inputs, reset=reset, chunk_size=12, implementation=implementation)
-  _assert_close(y12, y16, 1e-5, "y")
-  _assert_close(h12, h16, 1e-5, "h_last")
+  assert_close(y12, y16, 1e-5, "y")
+  assert_close(h12, h16, 1e-5, "h_last")
 
 
 def test_reference_matches_definition():
@@ -190,8 +179,8 @@ def test_optional_arguments_default_to_zero():
   zeros = {"D": jnp.zeros(4), "dt_bias": jnp.zeros(4), "h0": jnp.zeros((2, 4, 8, 4))}
   y0, h0 = ssd(inputs["x"], inputs["dt"], inputs["A"], inputs["B"], inputs["C"], **zeros,
                implementation="reference")
-  _assert_close(y, y0, 1e-5, "y")
-  _assert_close(h_last, h0, 1e-5, "h_last")
+  assert_close(y, y0, 1e-5, "y")
+  assert_close(h_last, h0, 1e-5, "h_last")
 
 
 def _bad(**changes):
