@@ -63,7 +63,7 @@ def test_linear_scan_sharded_equals_single_device(mesh, reverse):
   compare(fn, (a, b, h0, reset), MESHES[mesh], 1e-10)
 
 
-@pytest.mark.parametrize("mesh", MESHES)
+@pytest.mark.parametrize("mesh", ["data2_seq4"])
 def test_selective_scan_sharded_equals_single_device(mesh):
   rng = np.random.default_rng(1)
   e, n = 4, 3
@@ -81,8 +81,7 @@ def test_selective_scan_sharded_equals_single_device(mesh):
   compare(fn, (x, dt, A, Bm, Cm, D, z, dt_bias, h0, reset), MESHES[mesh], 1e-9)
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("groups", [1, 2])
+@pytest.mark.parametrize("mesh,groups", [("seq8", 2), ("data2_seq4", 1)])
 def test_ssd_sharded_equals_single_device(mesh, groups):
   rng = np.random.default_rng(2)
   h, p, n = 4, 3, 2
