@@ -117,7 +117,12 @@ def train(config: Config, *, max_steps_this_run: int | None = None,
   maybe_initialize_distributed()
   check_layer_pattern_or_raise(config)
   devices = jax.devices() if devices is None else list(devices)
-  mesh = parallel.make_mesh(config.parallel.shape(len(devices)), devices)
+  shape = config.parallel.shape(len(devices))
+  if config.data.batch_size % (shape["data"] * shape["fsdp"]):
+    raise ConfigError(f"data.batch_size={config.data.batch_size} must be divisible by the "
+                      f"devices sharing the batch: data={shape['data']} x fsdp={shape['fsdp']} "
+                      f"(of {len(devices)} devices)")
+  mesh = parallel.make_mesh(shape, devices)
   out_dir = config.output_dir
   data = train_data.build(config, shard_index=jax.process_index(),
                           shard_count=jax.process_count())

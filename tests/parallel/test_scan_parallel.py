@@ -51,8 +51,7 @@ def compare(fn, args, mesh_shape, tol):
     assert err < tol, f"gradient of argument {i}: relative error {err:.2e}"
 
 
-@pytest.mark.parametrize("mesh", MESHES)
-@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mesh,reverse", [("seq8", False), ("data2_seq4", True)])
 def test_linear_scan_sharded_equals_single_device(mesh, reverse):
   rng = np.random.default_rng(0)
   a = jnp.asarray(rng.uniform(0.5, 1.0, size=(B, T, 3)))

@@ -237,3 +237,11 @@ def test_profiler_window_writes_a_trace(tmp_path):
   train(config, devices=jax.devices()[:1])
   traces = list((tmp_path / "prof" / "profile").rglob("*.xplane.pb"))
   assert traces and traces[0].stat().st_size > 0
+
+
+def test_batch_not_divisible_by_the_data_devices_is_a_config_error(tmp_path):
+  from lsm.config import ConfigError
+  config = _config(tmp_path, "indivisible", "data.batch_size=4")
+  with pytest.raises(ConfigError, match="data.batch_size=4 must be divisible by the devices "
+                                        "sharing the batch: data=8 x fsdp=1"):
+    train(config)
