@@ -21,10 +21,11 @@ TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 ARGNAMES = ("x", "dt", "A", "B", "C", "D", "dt_bias", "h0")
 CHUNK = 16
 # Compiling dominates these tests on CPU: each case is jitted once (eager dispatch of the many
-# small ops is slower), cases share shapes where they can, and XLA skips its costly passes.
-_QUICK_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
+# small ops is slower) and cases share shapes where they can. No per-jit compiler options: XLA's
+# LLVM options are process-wide, and changing them per compile crashed later compiles in the
+# same test worker.
 ssd = jax.jit(ssd_eager, static_argnames=("delta_softplus", "chunk_size", "implementation",
-                                          "interpret"), compiler_options=_QUICK_COMPILE)
+                                          "interpret"))
 
 
 def _seed(*parts) -> int:
@@ -52,8 +53,7 @@ def _resets(b, t, positions):
   return jnp.asarray(reset)
 
 
-@functools.partial(jax.jit, static_argnames=("implementation", "chunk_size"),
-                   compiler_options=_QUICK_COMPILE)
+@functools.partial(jax.jit, static_argnames=("implementation", "chunk_size"))
 def _outputs_and_grads(inputs, reset, implementation, chunk_size=CHUNK):
   """(y, h_last, gradients of a fixed random projection of both w.r.t. every input)."""
   x, h0 = inputs["x"], inputs["h0"]
