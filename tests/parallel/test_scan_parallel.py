@@ -29,7 +29,7 @@ def packed_resets(rng, t=T):
   return resets_from_segments(jnp.asarray(seg, jnp.int32))
 
 
-def compare(fn, args, mesh_shape, tol):
+def assert_sharded_equals_single_device(fn, args, mesh_shape, tol):
   """fn(*args) -> tuple of arrays; values and gradients of a random projection, sharded vs not."""
   rng = np.random.default_rng(7)
   ref_out = fn(*args)
@@ -59,7 +59,7 @@ def test_linear_scan_sharded_equals_single_device(mesh, reverse):
   h0 = jnp.asarray(rng.normal(size=(B, 3)))
   reset = packed_resets(rng)
   fn = lambda a, b, h0, reset: pscan.linear_scan(a, b, h0, reset=reset, reverse=reverse)  # noqa
-  compare(fn, (a, b, h0, reset), MESHES[mesh], 1e-10)
+  assert_sharded_equals_single_device(fn, (a, b, h0, reset), MESHES[mesh], 1e-10)
 
 
 @pytest.mark.parametrize("mesh", ["data2_seq4"])
@@ -77,7 +77,7 @@ def test_selective_scan_sharded_equals_single_device(mesh):
     return pscan.selective_scan(x, dt, A, Bm, Cm, D, z, dt_bias, h0, reset=reset, chunk_size=4,
                                 implementation="xla_chunked")
 
-  compare(fn, (x, dt, A, Bm, Cm, D, z, dt_bias, h0, reset), MESHES[mesh], 1e-9)
+  assert_sharded_equals_single_device(fn, (x, dt, A, Bm, Cm, D, z, dt_bias, h0, reset), MESHES[mesh], 1e-9)
 
 
 @pytest.mark.parametrize("mesh,groups", [("seq8", 2), ("data2_seq4", 1)])
@@ -96,7 +96,7 @@ def test_ssd_sharded_equals_single_device(mesh, groups):
     return pscan.ssd(x, dt, A, Bm, Cm, D, dt_bias, h0, reset=reset, chunk_size=4,
                      implementation="xla_chunked")
 
-  compare(fn, (x, dt, A, Bm, Cm, D, dt_bias, h0, reset), MESHES[mesh], 1e-9)
+  assert_sharded_equals_single_device(fn, (x, dt, A, Bm, Cm, D, dt_bias, h0, reset), MESHES[mesh], 1e-9)
 
 
 @pytest.mark.parametrize("mesh", MESHES)
@@ -115,7 +115,7 @@ def test_causal_conv1d_sharded_equals_single_device(mesh):
     y, new = pscan.causal_conv1d(x, weight, bias, reset=reset, state=ConvState(inputs, resets))
     return y, new.inputs
 
-  compare(fn, (x, weight, bias, reset, state.inputs, state.resets), MESHES[mesh], 1e-12)
+  assert_sharded_equals_single_device(fn, (x, weight, bias, reset, state.inputs, state.resets), MESHES[mesh], 1e-12)
 
 
 def test_length_not_divisible_by_the_shards_is_an_error():

@@ -68,7 +68,7 @@ def _assert_close(got, want, tol, what):
   assert err <= tol, f"{what}: relative error {err:.3g} > {tol}"
 
 
-def _check_against_reference(implementation, dtype, reverse, seed):
+def _assert_matches_reference(implementation, dtype, reverse, seed):
   a, b, h0, reset = _inputs(seed, dtype)
   wide = jnp.complex128 if jnp.issubdtype(dtype, jnp.complexfloating) else jnp.float64
   w_h, w_last = _weights(seed, a.shape, h0.shape, wide)
@@ -103,7 +103,7 @@ def test_matches_float64_reference(implementation, dtype, reverse):
   """Values and gradients w.r.t. a, b, h0 with resets and zeros in a; the kernels run in
   interpret mode with grids of several sequence blocks / chunks."""
   seed = zlib.crc32(f"{implementation} {jnp.dtype(dtype).name} {reverse}".encode())
-  _check_against_reference(implementation, dtype, reverse, seed)
+  _assert_matches_reference(implementation, dtype, reverse, seed)
 
 
 @pytest.mark.parametrize("implementation", KERNELS)
