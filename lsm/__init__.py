@@ -1,6 +1,10 @@
 """lsm: long-sequence modeling in JAX."""
 
-from lsm.kernels.attention import BlockSizes, Mask, attention, merge
+from lsm.xla_workarounds import apply_ynn_reduce_workaround
+
+apply_ynn_reduce_workaround()  # Before any backend starts; see lsm/xla_workarounds.py.
+
+from lsm.kernels.attention import BlockSizes, Mask, attention, merge  # noqa: E402
 
 __version__ = "0.1.0"
 

@@ -10,6 +10,8 @@ if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "").split():
 import jax  # noqa: E402
 import pytest  # noqa: E402
 
+import lsm  # noqa: E402, F401  (first, so its XLA workarounds precede any backend start)
+
 # The float64 references need x64; lsm code under test keeps its own dtypes explicit.
 jax.config.update("jax_enable_x64", True)
 
