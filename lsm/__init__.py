@@ -1,8 +1,8 @@
 """lsm: long-sequence modeling in JAX."""
 
-from lsm.xla_workarounds import apply_ynn_reduce_workaround
+from lsm.xla_workarounds import apply_ynn_workaround
 
-apply_ynn_reduce_workaround()  # Before any backend starts; see lsm/xla_workarounds.py.
+apply_ynn_workaround()  # Before any backend starts; see lsm/xla_workarounds.py.
 
 from lsm.kernels.attention import BlockSizes, Mask, attention, merge  # noqa: E402
 

@@ -1,10 +1,12 @@
 """Workarounds for known XLA bugs in the jaxlib releases lsm runs on, applied at `import lsm`.
 
-jaxlib 0.10.2 and 0.11.0 send some reductions on CPU to YNNPACK fusions that segfault on an XLA
-worker thread (jax-ml/jax#39257, #40412) or return wrong sums (jax-ml/jax#39103). lsm's chunked
-scans hit the segfault (the backward of `ssd` on small shapes). The crash is asynchronous, so its
-Python traceback points at whatever ran next. Turning the YNNPACK reduce fusions off avoids both bugs
-and leaves the other YNNPACK fusions on.
+jaxlib 0.10.2 and 0.11.0 send reductions and dots of high-rank arrays on CPU to YNNPACK fusions that
+read past their shape descriptors: they segfault on an XLA worker thread (jax-ml/jax#39257, #40412)
+or return wrong sums (jax-ml/jax#39103). lsm hits the segfault in the backward of `ssd`; with only
+the reduce fusions off, a worker of lsm's test suite still died the same way in other programs
+(whether a read past the end crashes depends on what lies there, so a program can pass alone and
+crash after others). The crash is asynchronous, so its Python traceback points at whatever ran
+next. lsm turns every YNNPACK fusion off on those releases; XLA's own CPU code runs instead.
 
 XLA reads `XLA_FLAGS` once, when the first backend starts. `import lsm` before running anything
 with jax, or set the flag yourself. Set `LSM_KEEP_XLA_FLAGS=1` to leave `XLA_FLAGS` untouched.
@@ -18,10 +20,10 @@ from collections.abc import MutableMapping
 
 from lsm.log import log_once
 
-YNN_REDUCE_FLAG = "--xla_cpu_experimental_ynn_fusion_type=-reduce"
+YNN_OFF_FLAG = "--xla_cpu_experimental_ynn_fusion_type="  # an empty list: no YNN fusion
 YNN_FLAG_NAME = "xla_cpu_experimental_ynn_fusion_type"
 # The releases with the bug; the flag is known to parse in each of them (and from 0.10.1).
-YNN_REDUCE_BAD_JAXLIB = ("0.10.2", "0.11.0")
+YNN_BAD_JAXLIB = ("0.10.2", "0.11.0")
 OPT_OUT_ENV = "LSM_KEEP_XLA_FLAGS"
 
 
@@ -31,12 +33,13 @@ def _backends_started() -> bool:
   return bool(started and started())
 
 
-def apply_ynn_reduce_workaround(
+def apply_ynn_workaround(
     jaxlib_version: str | None = None,
     environ: MutableMapping[str, str] | None = None,
     backends_started: bool | None = None,
 ) -> str:
-  """Adds ``--xla_cpu_experimental_ynn_fusion_type=-reduce`` to ``XLA_FLAGS`` where needed.
+  """Adds ``--xla_cpu_experimental_ynn_fusion_type=`` (no YNNPACK fusions) to ``XLA_FLAGS`` where
+  needed.
 
   Returns what happened: ``"applied"``, ``"not needed"`` (another jaxlib), ``"user set"`` (the
   flag is already in ``XLA_FLAGS``), ``"opted out"`` (``LSM_KEEP_XLA_FLAGS`` is set) or
@@ -46,7 +49,7 @@ def apply_ynn_reduce_workaround(
   if jaxlib_version is None:
     import jaxlib
     jaxlib_version = jaxlib.__version__
-  if jaxlib_version not in YNN_REDUCE_BAD_JAXLIB:
+  if jaxlib_version not in YNN_BAD_JAXLIB:
     return "not needed"
   if environ.get(OPT_OUT_ENV, "") not in ("", "0"):
     return "opted out"
@@ -55,10 +58,10 @@ def apply_ynn_reduce_workaround(
     return "user set"
   if _backends_started() if backends_started is None else backends_started:
     log_once(
-        f"jaxlib {jaxlib_version} has CPU reductions that crash or sum wrongly "
+        f"jaxlib {jaxlib_version} has CPU fusions (YNNPACK) that crash or sum wrongly "
         f"(jax-ml/jax#39257, #39103) and a jax backend started before `import lsm`, so lsm "
-        f"could not turn them off. Set XLA_FLAGS='{YNN_REDUCE_FLAG}' before starting python, "
+        f"could not turn them off. Set XLA_FLAGS='{YNN_OFF_FLAG}' before starting python, "
         f"or import lsm before running anything with jax.", logging.WARNING)
     return "too late"
-  environ["XLA_FLAGS"] = f"{flags} {YNN_REDUCE_FLAG}".strip()
+  environ["XLA_FLAGS"] = f"{flags} {YNN_OFF_FLAG}".strip()
   return "applied"

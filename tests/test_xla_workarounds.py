@@ -1,4 +1,4 @@
-"""`import lsm` turns off the YNNPACK reduce fusions of the jaxlib releases where they are broken."""
+"""`import lsm` turns off the YNNPACK fusions of the jaxlib releases where they are broken."""
 
 import logging
 import os
@@ -9,9 +9,9 @@ import jaxlib
 import pytest
 
 from lsm import log, xla_workarounds
-from lsm.xla_workarounds import YNN_REDUCE_FLAG, apply_ynn_reduce_workaround
+from lsm.xla_workarounds import YNN_OFF_FLAG, apply_ynn_workaround
 
-BAD = xla_workarounds.YNN_REDUCE_BAD_JAXLIB[0]
+BAD = xla_workarounds.YNN_BAD_JAXLIB[0]
 
 # jax-ml/jax#40412 (segfault on an XLA worker thread) and #39103 (wrong sums), each checked against
 # numpy in a fresh process that imports lsm before anything runs.
@@ -37,28 +37,28 @@ def test_known_bad_programs_run_right_after_import_lsm():
   done = subprocess.run([sys.executable, "-c", _PROGRAM], env=env, capture_output=True,
                         text=True, timeout=120)
   assert done.returncode == 0, done.stderr[-3000:]
-  applied = jaxlib.__version__ in xla_workarounds.YNN_REDUCE_BAD_JAXLIB
-  assert (YNN_REDUCE_FLAG in done.stdout) == applied
+  applied = jaxlib.__version__ in xla_workarounds.YNN_BAD_JAXLIB
+  assert (YNN_OFF_FLAG in done.stdout) == applied
 
 
 def test_appends_the_flag_and_keeps_the_users_flags():
   environ = {"XLA_FLAGS": "--xla_force_host_platform_device_count=8"}
-  assert apply_ynn_reduce_workaround(BAD, environ, backends_started=False) == "applied"
+  assert apply_ynn_workaround(BAD, environ, backends_started=False) == "applied"
   assert environ["XLA_FLAGS"].split() == ["--xla_force_host_platform_device_count=8",
-                                          YNN_REDUCE_FLAG]
+                                          YNN_OFF_FLAG]
   empty = {}
-  assert apply_ynn_reduce_workaround(BAD, empty, backends_started=False) == "applied"
-  assert empty["XLA_FLAGS"] == YNN_REDUCE_FLAG
+  assert apply_ynn_workaround(BAD, empty, backends_started=False) == "applied"
+  assert empty["XLA_FLAGS"] == YNN_OFF_FLAG
 
 
 @pytest.mark.parametrize("environ, version, outcome", [
-    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type="}, BAD, "user set"),
+    ({"XLA_FLAGS": "--xla_cpu_experimental_ynn_fusion_type=dot"}, BAD, "user set"),
     ({"LSM_KEEP_XLA_FLAGS": "1"}, BAD, "opted out"),
     ({}, "0.10.1", "not needed"),
 ])
 def test_leaves_xla_flags_alone(environ, version, outcome):
   before = dict(environ)
-  assert apply_ynn_reduce_workaround(version, environ, backends_started=False) == outcome
+  assert apply_ynn_workaround(version, environ, backends_started=False) == outcome
   assert environ == before
 
 
@@ -66,6 +66,6 @@ def test_says_what_to_do_when_a_backend_already_started(monkeypatch, caplog):
   monkeypatch.setattr(log, "_said", set())
   environ = {}
   with caplog.at_level(logging.WARNING, logger="lsm"):
-    assert apply_ynn_reduce_workaround(BAD, environ, backends_started=True) == "too late"
+    assert apply_ynn_workaround(BAD, environ, backends_started=True) == "too late"
   assert environ == {}
-  assert YNN_REDUCE_FLAG in caplog.text and "import lsm" in caplog.text
+  assert YNN_OFF_FLAG in caplog.text and "import lsm" in caplog.text
