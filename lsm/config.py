@@ -72,6 +72,22 @@ class SSMConfig(_Section):
     return self
 
 
+class LandmarkConfig(_Section):
+  """Landmark attention (``landmark`` in ``model.layer_pattern``): a landmark token closes every
+  block of ``block_size`` tokens (the data pipeline inserts them)."""
+  block_size: int = Field(64, gt=0)  # tokens per block, the landmark not counted
+  top_k: int | None = Field(None, gt=0)  # None: grouped softmax over every block (training)
+  positions: Literal["renumbered", "stored"] = "renumbered"  # of retrieved blocks (top_k set)
+
+
+class RecurrentMemoryConfig(_Section):
+  """Recurrent memory (RMT): ``slots > 0`` wraps the layer pattern; each segment of
+  ``segment_length`` tokens is read as [memory | segment | memory]."""
+  slots: int = Field(0, ge=0)  # 0: off
+  segment_length: int = Field(128, gt=0)
+  bptt_segments: int | None = Field(None, gt=0)  # gradients through the last k; None: all
+
+
 class ModelConfig(_Section):
   vocab_size: int | None = Field(None, gt=0)  # None: the data's vocabulary
   d_model: int = Field(256, gt=0)
@@ -86,6 +102,8 @@ class ModelConfig(_Section):
   rope: RopeConfig = RopeConfig()
   attention: AttentionConfig = AttentionConfig()
   ssm: SSMConfig = SSMConfig()
+  landmark: LandmarkConfig = LandmarkConfig()
+  recurrent_memory: RecurrentMemoryConfig = RecurrentMemoryConfig()
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16"] = "float32"
   remat: Literal["none", "full", "dots"] = "none"  # what the layer scan saves for backward
@@ -195,6 +213,16 @@ class ParallelConfig(_Section):
     return {"data": data, "fsdp": self.fsdp, "sequence": self.sequence, "tensor": self.tensor}
 
 
+class BlockMemoryConfig(_Section):
+  """Training-free block memory (InfLLM-style) for decoding any attention model: sink tokens, a
+  local window, and the ``top_k`` stored blocks that score best against the query."""
+  sink_tokens: int = Field(4, ge=0)
+  window: int = Field(512, gt=0)
+  block_size: int = Field(64, gt=0)
+  top_k: int = Field(4, gt=0)
+  representatives: int = Field(4, gt=0)  # keys per block that stand for it when scoring
+
+
 class DecodeConfig(_Section):
   max_new_tokens: int = Field(64, gt=0)
   temperature: float = Field(0.0, ge=0)  # 0: greedy
@@ -203,6 +231,8 @@ class DecodeConfig(_Section):
   stop_tokens: list[int] = Field(default_factory=list)
   prefill_chunk: int = Field(512, gt=0)
   max_length: int | None = Field(None, gt=0)  # cache length; None: prompt + new tokens
+  cache_policy: Literal["full", "block_memory"] = "full"  # of the attention mixers
+  block_memory: BlockMemoryConfig = BlockMemoryConfig()
 
 
 class EvalConfig(_Section):

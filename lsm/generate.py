@@ -2,7 +2,9 @@
 
 Loads the newest checkpoint of a run and continues each prompt (text runs: the prompt is text;
 synthetic runs: space-separated token ids). Overrides set ``decode.*`` (and other) config keys,
-e.g. ``decode.temperature=0.8 decode.top_p=0.9 decode.max_new_tokens=100``.
+e.g. ``decode.temperature=0.8 decode.top_p=0.9 decode.max_new_tokens=100``;
+``decode.cache_policy=block_memory`` (with ``decode.block_memory.*``) decodes the attention
+layers with a training-free block memory.
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ def main(argv: list[str]) -> int:
   args = parser.parse_args(argv)
   logging.basicConfig(level=logging.WARNING, format="# %(message)s")
   from lsm import data as lsm_data  # noqa: PLC0415 — jax after argument parsing
-  from lsm.decode import generate  # noqa: PLC0415
+  from lsm.decode import cache_policy_of, generate  # noqa: PLC0415
   from lsm.train.restore import load_run, mesh_of  # noqa: PLC0415
   import jax  # noqa: PLC0415
   try:
@@ -47,7 +49,8 @@ def main(argv: list[str]) -> int:
       result = generate(model, prompts, max_new_tokens=d.max_new_tokens,
                         temperature=d.temperature, top_k=d.top_k, top_p=d.top_p,
                         stop_tokens=stops, prefill_chunk=d.prefill_chunk,
-                        max_length=d.max_length, seed=args.seed)
+                        max_length=d.max_length, seed=args.seed,
+                        cache_policy=cache_policy_of(d))
   except (ConfigError, ValueError) as error:
     print(f"error: {error}", file=sys.stderr)
     return 2

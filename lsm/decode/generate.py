@@ -5,6 +5,9 @@ Prompts of different lengths: the common prefix (the shortest prompt) is prefill
 the whole batch, then each step feeds every row its next prompt token while it has one and its
 sampled token after, so any cache kind (dense, ring buffer, recurrent state) sees exactly the
 tokens of its own row in order.
+
+``cache_policy``: a `BlockMemoryPolicy` gives every attention mixer a training-free block memory
+(`lsm.layers.block_memory`) instead of its dense cache; `cache_policy_of` reads it from a config.
 """
 
 from __future__ import annotations
@@ -18,7 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from lsm.config import ConfigError
 from lsm.decode.sampling import check_sampling, sample
+from lsm.layers import BlockMemoryPolicy
 
 
 @dataclasses.dataclass
@@ -52,9 +57,9 @@ def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
 # Jitted once per model structure (graphdef) and shapes, shared by every call.
 
 
-@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4))
-def _init_cache(graphdef, params, batch, max_length, dtype):
-  return nnx.merge(graphdef, params).init_cache(batch, max_length, dtype)
+@functools.partial(jax.jit, static_argnums=(0, 2, 3, 4, 5))
+def _init_cache(graphdef, params, batch, max_length, dtype, policy):
+  return nnx.merge(graphdef, params).init_cache(batch, max_length, dtype, policy=policy)
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
@@ -77,12 +82,28 @@ def _pick(logits, key, forced, has_forced, sampling):
                                               top_p=top_p))
 
 
+def cache_policy_of(decode_config) -> BlockMemoryPolicy | None:
+  """The attention cache policy a `DecodeConfig` asks for (``decode.cache_policy``, with
+  ``decode.block_memory``): None for "full"."""
+  if decode_config.cache_policy == "full":
+    return None
+  try:
+    return BlockMemoryPolicy(**decode_config.block_memory.model_dump())
+  except ValueError as error:
+    raise ConfigError(f"decode.block_memory: {error}") from None
+
+
 def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
              prefill_chunk: int = 512, max_length: int | None = None, seed: int = 0,
-             cache_dtype=jnp.float32) -> Generation:
-  """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token)."""
+             cache_dtype=jnp.float32, cache_policy: BlockMemoryPolicy | None = None) -> Generation:
+  """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token).
+  ``cache_policy``: None (each mixer's own cache) or a `BlockMemoryPolicy` for the attention
+  mixers."""
   prompts = _check_prompts(prompts, model.vocab_size)
+  if cache_policy is not None and not isinstance(cache_policy, BlockMemoryPolicy):
+    raise TypeError(f"generate: cache_policy must be a BlockMemoryPolicy or None, got "
+                    f"{type(cache_policy).__name__}")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
       max_new_tokens < 1):
     raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
@@ -98,7 +119,7 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
                      f"max_new_tokens ({needed})")
   graphdef, params = nnx.split(model)
   started = time.perf_counter()
-  cache = _init_cache(graphdef, params, b, max_length, jnp.dtype(cache_dtype))
+  cache = _init_cache(graphdef, params, b, max_length, jnp.dtype(cache_dtype), cache_policy)
   tokens = np.stack([p[:common] for p in prompts])
   logits = None
   for start in range(0, common, prefill_chunk):

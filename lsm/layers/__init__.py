@@ -1,6 +1,7 @@
 """Flax NNX layers: norms, MLP, embeddings, rotary positions and sequence mixers."""
 
 from lsm.layers.attention import Attention
+from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.embed import Embed
 from lsm.layers.kv_cache import EMPTY_POSITION, DenseKVCache, RingKVCache
 from lsm.layers.mamba import GatedRMSNorm, Mamba, Mamba2, SSMCache
@@ -10,7 +11,7 @@ from lsm.layers.params import LOGICAL_AXES, logical_param
 from lsm.layers.rope import ROPE_SCALING_KINDS, RopeScaling, apply_rope, rope_frequencies
 from lsm.layers.s4 import S4, S4D, S4Cache
 
-__all__ = ["Attention", "DenseKVCache", "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LOGICAL_AXES",
-           "Mamba", "Mamba2", "ROPE_SCALING_KINDS", "RMSNorm", "RingKVCache", "RopeScaling", "S4",
-           "S4Cache", "S4D", "SSMCache", "SwiGLU", "apply_rope", "logical_param",
-           "rope_frequencies"]
+__all__ = ["Attention", "BlockMemoryKVCache", "BlockMemoryPolicy", "DenseKVCache",
+           "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LOGICAL_AXES", "Mamba", "Mamba2",
+           "ROPE_SCALING_KINDS", "RMSNorm", "RingKVCache", "RopeScaling", "S4", "S4Cache", "S4D",
+           "SSMCache", "SwiGLU", "apply_rope", "logical_param", "rope_frequencies"]

@@ -1,4 +1,5 @@
-"""Causal self-attention mixer: GQA, RoPE, sliding window with sink tokens, dense or ring cache.
+"""Causal self-attention mixer: GQA, RoPE, sliding window with sink tokens; a dense, ring or
+block-memory cache.
 
 Follows the mixer contract of DESIGN.md::
 
@@ -15,6 +16,7 @@ from flax import nnx
 
 from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
 from lsm.layers import checks
+from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.kv_cache import DenseKVCache, RingKVCache
 from lsm.layers.norms import RMSNorm
 from lsm.layers.params import logical_param
@@ -23,7 +25,7 @@ from lsm.parallel.context import ContextParallel, context_attention
 from lsm.parallel.decode import shard_cache, sharded_cache_attention
 from lsm.parallel.layout import permutation
 
-KVCache = DenseKVCache | RingKVCache
+KVCache = DenseKVCache | RingKVCache | BlockMemoryKVCache
 
 
 class Attention(nnx.Module):
@@ -116,12 +118,24 @@ class Attention(nnx.Module):
     else:
       self.query_norm = self.key_norm = None
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> KVCache:
+  def init_cache(self, batch_size: int, max_length: int, dtype=None, *,
+                 policy: BlockMemoryPolicy | None = None) -> KVCache:
     """An empty cache: a ring buffer of ``sink_tokens + window`` slots when the layer has a
-    window (``max_length`` then bounds nothing), else a dense cache of ``max_length`` slots.
-    ``dtype`` defaults to the compute dtype."""
+    window (``max_length`` then bounds nothing), else a dense cache of ``max_length`` slots, or
+    with a ``policy`` a `BlockMemoryKVCache` (the layer must then have no window: a window
+    bounds the cache already). ``dtype`` defaults to the compute dtype."""
     dtype = self.dtype if dtype is None else dtype
     max_length = checks.positive_int("Attention.init_cache", "max_length", max_length)
+    if policy is not None:
+      if not isinstance(policy, BlockMemoryPolicy):
+        raise TypeError(f"Attention.init_cache: policy must be a BlockMemoryPolicy or None, got "
+                        f"{type(policy).__name__}")
+      if self.window is not None:
+        raise ValueError(f"Attention.init_cache: a block-memory policy needs a layer without a "
+                         f"window (window={self.window} bounds the cache already); give "
+                         f"policy=None")
+      return BlockMemoryKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim,
+                                       dtype, policy=policy)
     if self.window is None:
       cache = DenseKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim, dtype)
       if self._shards() > 1 and max_length % self._shards() == 0:
@@ -179,6 +193,9 @@ class Attention(nnx.Module):
           q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, cache, axis=self.context_parallel.axis,
           **common)
       return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype)), cache
+    if isinstance(cache, BlockMemoryKVCache):
+      out_BTHK, cache = cache.attend(q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, **common)
+      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype)), cache
     if cache is None:
       kv_positions, kv_segment_ids = positions, segment_ids
     else:
@@ -196,14 +213,18 @@ class Attention(nnx.Module):
     return 1 if self.context_parallel is None else self.context_parallel.shards()
 
   def _check_cache(self, cache, batch_size: int):
-    if not isinstance(cache, (DenseKVCache, RingKVCache)):
-      raise TypeError(f"Attention: cache must be a DenseKVCache or RingKVCache (from "
-                      f"init_cache), got {type(cache).__name__}")
+    if not isinstance(cache, (DenseKVCache, RingKVCache, BlockMemoryKVCache)):
+      raise TypeError(f"Attention: cache must be a DenseKVCache, RingKVCache or "
+                      f"BlockMemoryKVCache (from init_cache), got {type(cache).__name__}")
+    keys = cache.window.keys if isinstance(cache, BlockMemoryKVCache) else cache.keys
     expected = (batch_size, self.num_kv_heads, self.head_dim)
-    got = (cache.keys.shape[0], *cache.keys.shape[2:])
+    got = (keys.shape[0], *keys.shape[2:])
     if got != expected:
       raise ValueError(f"Attention: cache must have (batch, kv heads, head dim) = {expected} to "
                        f"match x and the layer, got {got}")
+    if isinstance(cache, BlockMemoryKVCache) and self.window is not None:
+      raise ValueError(f"Attention: a BlockMemoryKVCache needs a layer without a window, this one "
+                       f"has window={self.window}")
     if isinstance(cache, RingKVCache) and (cache.window, cache.sink_tokens) != (
         self.window, self.sink_tokens):
       raise ValueError(f"Attention: a RingKVCache must have the layer's window={self.window} and "

@@ -52,8 +52,15 @@ class Block(nnx.Module):
       x = x + self.mlps[i](self.mlp_norms[i](x))
     return x, (None if caches is None else new_caches)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype):
-    return [mixer.init_cache(batch_size, max_length, dtype) for mixer in self.mixers]
+  def init_cache(self, batch_size: int, max_length: int, dtype, policy=None):
+    """Each mixer's cache; ``policy`` (a `layers.BlockMemoryPolicy`) goes to attention only."""
+
+    def cache(mixer):
+      if policy is not None and isinstance(mixer, layers.Attention):
+        return mixer.init_cache(batch_size, max_length, dtype, policy=policy)
+      return mixer.init_cache(batch_size, max_length, dtype)
+
+    return [cache(mixer) for mixer in self.mixers]
 
 
 class LM(nnx.Module):
@@ -143,12 +150,16 @@ class LM(nnx.Module):
     x, _ = self._run_blocks(x, positions, segment_ids, None)
     return self._logits(x)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32):
-    """Every mixer's cache, stacked over the block repeats."""
+  def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32, policy=None):
+    """Every mixer's cache, stacked over the block repeats. ``policy``: a
+    `layers.BlockMemoryPolicy` for the attention mixers (None: their dense or ring caches)."""
+    if policy is not None and not isinstance(policy, layers.BlockMemoryPolicy):
+      raise TypeError(f"LM.init_cache: policy must be a BlockMemoryPolicy or None, got "
+                      f"{type(policy).__name__}")
 
     @nnx.vmap(in_axes=(0,), out_axes=0)
     def caches(block):
-      return block.init_cache(batch_size, max_length, dtype)
+      return block.init_cache(batch_size, max_length, dtype, policy)
 
     return caches(self.blocks)
 
