@@ -17,10 +17,10 @@ import jax
 import numpy as np
 from flax import nnx
 
-from lsm import parallel
+from lsm import models, parallel
 from lsm.config import Config, ConfigError, to_yaml
 from lsm.log import logger
-from lsm.models import LM, check_layer_pattern, in_order_mixers
+from lsm.models import check_layer_pattern, in_order_mixers
 from lsm.train import data as train_data
 from lsm.train.checkpoint import Checkpoints
 from lsm.train.metrics import Reporter, device_peak_flops, train_flops_per_token
@@ -49,9 +49,10 @@ def maybe_initialize_distributed() -> None:
     jax.distributed.initialize()
 
 
-def build_model(config: Config, vocab_size: int, seed: int) -> LM:
+def build_model(config: Config, vocab_size: int, seed: int) -> nnx.Module:
+  """The model of ``config.model`` (`lsm.models.build_model`), parameters not yet sharded."""
   with nnx.use_eager_sharding(False):
-    return LM(config.model, vocab_size=vocab_size, rngs=nnx.Rngs(seed))
+    return models.build_model(config.model, vocab_size=vocab_size, rngs=nnx.Rngs(seed))
 
 
 def train_state_shardings(config: Config, vocab_size: int, mesh, optimizer):
@@ -246,4 +247,13 @@ def check_layer_pattern_or_raise(config: Config) -> None:
     raise ConfigError(f"model.layer_pattern has mixers that scan their tokens in order "
                       f"({', '.join(scans)}); with parallel.sequence={config.parallel.sequence} "
                       f"set model.attention.context_parallel.layout=contiguous, got {layout!r}")
+  memory = config.model.recurrent_memory
+  if memory.slots and config.parallel.sequence > 1:
+    raise ConfigError(f"model.recurrent_memory.slots={memory.slots} runs segments in order and "
+                      f"cannot shard the sequence; set parallel.sequence=1, got "
+                      f"{config.parallel.sequence}")
+  if memory.slots and config.data.seq_len % memory.segment_length:
+    raise ConfigError(f"data.seq_len={config.data.seq_len} must be a multiple of "
+                      f"model.recurrent_memory.segment_length={memory.segment_length} when "
+                      f"model.recurrent_memory.slots > 0")
 
