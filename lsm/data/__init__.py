@@ -1,5 +1,6 @@
 """Data for lsm: synthetic long-context tasks, local text, packing into rows, grain pipelines."""
 
+from lsm.data.landmarks import insert_landmarks, insert_landmarks_batch, landmark_length
 from lsm.data.metrics import answer_accuracy
 from lsm.data.packing import ROW_KEYS, PackedDocuments, single_example_row
 from lsm.data.pipeline import make_dataset
@@ -15,5 +16,6 @@ __all__ = ["ROW_KEYS", "SYNTHETIC_TASKS", "SYNTHETIC_VOCAB_SIZE", "TEXT_SUFFIXES
            "AssociativeRecallTask", "ByteTokenizer", "HuggingFaceTokenizer", "KeyValueNeedleTask",
            "ListOpsTask", "PackedDocuments", "PasskeyTask", "SelectiveCopyTask", "SentencePieceTokenizer",
            "SyntheticSource", "SyntheticTask", "answer_accuracy", "expand_paths",
-           "load_tokenizer", "make_dataset", "read_documents", "single_example_row",
+           "insert_landmarks", "insert_landmarks_batch", "landmark_length", "load_tokenizer",
+           "make_dataset", "read_documents", "single_example_row",
            "synthetic_dataset", "synthetic_task", "text_dataset"]

@@ -4,6 +4,7 @@ from lsm.layers.attention import Attention
 from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.embed import Embed
 from lsm.layers.kv_cache import EMPTY_POSITION, DenseKVCache, RingKVCache
+from lsm.layers.landmark import LANDMARK_POSITION_MODES, LandmarkAttention, LandmarkCache
 from lsm.layers.mamba import GatedRMSNorm, Mamba, Mamba2, SSMCache
 from lsm.layers.mlp import SwiGLU
 from lsm.layers.norms import RMSNorm
@@ -12,6 +13,7 @@ from lsm.layers.rope import ROPE_SCALING_KINDS, RopeScaling, apply_rope, rope_fr
 from lsm.layers.s4 import S4, S4D, S4Cache
 
 __all__ = ["Attention", "BlockMemoryKVCache", "BlockMemoryPolicy", "DenseKVCache",
-           "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LOGICAL_AXES", "Mamba", "Mamba2",
-           "ROPE_SCALING_KINDS", "RMSNorm", "RingKVCache", "RopeScaling", "S4", "S4Cache", "S4D",
+           "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LANDMARK_POSITION_MODES", "LOGICAL_AXES",
+           "LandmarkAttention", "LandmarkCache", "Mamba", "Mamba2", "ROPE_SCALING_KINDS",
+           "RMSNorm", "RingKVCache", "RopeScaling", "S4", "S4Cache", "S4D",
            "SSMCache", "SwiGLU", "apply_rope", "logical_param", "rope_frequencies"]

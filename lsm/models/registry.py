@@ -18,6 +18,8 @@ from collections.abc import Callable
 from flax import nnx
 
 from lsm import layers
+from lsm.kernels.attention import LANDMARK_IMPLEMENTATIONS
+from lsm.log import log_once
 from lsm.parallel.context import ContextParallel
 
 _MIXERS: dict[str, Callable] = {}
@@ -79,6 +81,24 @@ def _attention(config, rngs):
       context_parallel=ContextParallel(strategy=att.context_parallel.strategy,
                                        layout=att.context_parallel.layout),
       dtype=config.dtype, param_dtype=config.param_dtype)
+
+
+@register_mixer("landmark")
+def _landmark(config, rngs):
+  att, rope, landmark = config.attention, config.rope, config.landmark
+  implementation = att.implementation
+  if implementation not in (None, *LANDMARK_IMPLEMENTATIONS):
+    log_once(f"landmark mixer: model.attention.implementation={implementation!r} has no landmark "
+             f"kernel; using 'xla'")
+    implementation = "xla"
+  return layers.LandmarkAttention(
+      config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim,
+      block_size=landmark.block_size, top_k=landmark.top_k, positions=landmark.positions,
+      rope_base=rope.base,
+      rope_scaling=layers.RopeScaling(kind=rope.scaling, factor=rope.factor,
+                                      original_length=rope.original_length),
+      implementation=implementation, qk_norm=att.qk_norm, rngs=rngs, dtype=config.dtype,
+      param_dtype=config.param_dtype)
 
 
 def _ssm_common(config, rngs):
