@@ -1,5 +1,6 @@
 """Test-wide setup: 8 emulated CPU devices, float64 for the references, backend markers."""
 
+import gc
 import os
 
 # Must happen before jax is imported anywhere, so multi-device tests run on one CPU.
@@ -16,6 +17,17 @@ import lsm  # noqa: E402, F401  (first, so its XLA workarounds precede any backe
 jax.config.update("jax_enable_x64", True)
 
 _BACKEND_MARKERS = ("gpu", "tpu")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Frees every test module's compiled programs when it ends. A pytest worker otherwise keeps
+  thousands of XLA:CPU executables alive for the whole run, and on jaxlib 0.10.2 long-lived
+  workers died in XLA (segfaults inside a later compile) after several hundred tests, never when
+  the same tests ran in shorter processes."""
+  yield
+  jax.clear_caches()
+  gc.collect()
 
 
 def pytest_runtest_setup(item):

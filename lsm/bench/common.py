@@ -115,4 +115,6 @@ def replace_section(path: pathlib.Path, marker: str, body: str) -> None:
 def fmt_bytes(n: int | None) -> str:
   if n is None:
     return "-"
-  return f"{n / 2**30:.2f} GiB" if n >= 2**30 else f"{n / 2**20:.0f} MiB"
+  if n >= 2**30:
+    return f"{n / 2**30:.2f} GiB"
+  return f"{n / 2**20:.0f} MiB" if n >= 2**20 else f"{n / 2**10:.0f} KiB"

@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from lsm.parallel import in_mesh
-from lsm.train.data import synthetic_eval_batches
+from lsm.train.data import landmark_block_size, synthetic_eval_batches
 from lsm.train.step import Functional, loss_sums
 
 
@@ -38,7 +38,8 @@ def evaluate_lengths(load, config, *, task: str, lengths: list[int], examples: i
     totals = np.zeros(4)
     for batch in synthetic_eval_batches(task, seq_len=length, seed=seed, examples=examples,
                                         batch_size=batch_size,
-                                        task_options=dict(config.data.task_options)):
+                                        task_options=dict(config.data.task_options),
+                                        landmark_block=landmark_block_size(config)):
       loss_sum, count, correct, exact = jax.device_get(sums(params, batch))
       totals += [loss_sum, count, correct, exact.sum()]
     row = {"length": length, "multiple": length / train_len, "examples": examples,

@@ -7,6 +7,7 @@ tasks draw held-out examples from another seed; text holds out the last rows of 
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -14,6 +15,21 @@ from lsm import data as lsm_data
 from lsm.config import Config, ConfigError
 
 _EVAL_SEED_OFFSET = 1_000_003
+
+
+def landmark_block_size(config: Config) -> int | None:
+  """The landmark block size when ``model.layer_pattern`` has landmark attention, else None: the
+  rows then get a landmark token (id = the data's vocabulary size) after every block."""
+  return config.model.landmark.block_size if "landmark" in config.model.layer_pattern else None
+
+
+def with_landmarks(dataset, *, block_size: int | None, vocab_size: int, rows: int):
+  """``dataset`` with landmarks inserted into every row (unchanged for ``block_size`` None)."""
+  if block_size is None:
+    return dataset
+  length = lsm_data.landmark_length(rows, block_size)
+  return dataset.map(functools.partial(lsm_data.insert_landmarks, block_size=block_size,
+                                       landmark_id=vocab_size, length=length))
 
 
 @dataclasses.dataclass
@@ -56,6 +72,11 @@ def build(config: Config, *, shard_index: int = 0, shard_count: int = 1) -> Trai
       raise
     raise ConfigError(f"data (task={d.task!r}, task_options={dict(d.task_options)}): "
                       f"{error}") from None
+  block = landmark_block_size(config)
+  train_source, eval_source = (with_landmarks(source, block_size=block, vocab_size=vocab_size,
+                                              rows=rows) for source in (train_source, eval_source))
+  if block is not None:
+    vocab_size += 1  # the landmark token
   iterator = iter(lsm_data.make_dataset(train_source, batch_size=per_process, seed=d.seed,
                                         shard_index=shard_index, shard_count=shard_count))
   eval_batches = []
@@ -67,10 +88,14 @@ def build(config: Config, *, shard_index: int = 0, shard_count: int = 1) -> Trai
 
 
 def synthetic_eval_batches(task: str, *, seq_len: int, seed: int, examples: int,
-                           batch_size: int, task_options: dict) -> list[dict]:
-  """Held-out batches of a synthetic task at any length (the evaluator's input)."""
+                           batch_size: int, task_options: dict,
+                           landmark_block: int | None = None) -> list[dict]:
+  """Held-out batches of a synthetic task at any length (the evaluator's input); with
+  ``landmark_block``, landmarks inserted as in training (``seq_len`` counts the task's tokens)."""
   source = lsm_data.synthetic_dataset(task, seq_len=seq_len + 1, seed=seed + _EVAL_SEED_OFFSET,
                                       num_examples=examples, **task_options)
+  source = with_landmarks(source, block_size=landmark_block,
+                          vocab_size=lsm_data.SYNTHETIC_VOCAB_SIZE, rows=seq_len + 1)
   batches = list(iter(lsm_data.make_dataset(source, batch_size=min(batch_size, examples),
                                             seed=seed, shuffle=False, repeat=False)))
   return [{k: np.asarray(v) for k, v in b.items()} for b in batches]

@@ -10,17 +10,20 @@ from lsm import data as lsm_data
 from lsm import parallel
 from lsm.config import Config, ConfigError, load_config
 from lsm.train.checkpoint import Checkpoints
+from lsm.train.data import landmark_block_size
 from lsm.train.loop import train_state_shardings
 from lsm.train.optim import make_optimizer
 
 
 def vocab_size_of(config: Config) -> int:
+  """The model's vocabulary: the config's, else the data's (plus the landmark token, if any)."""
   if config.model.vocab_size:
     return config.model.vocab_size
+  landmark = int(landmark_block_size(config) is not None)
   if config.data.task == "text":
     path = None if config.data.tokenizer == "byte" else config.data.tokenizer_path
-    return lsm_data.load_tokenizer(path).vocab_size
-  return lsm_data.SYNTHETIC_VOCAB_SIZE
+    return lsm_data.load_tokenizer(path).vocab_size + landmark
+  return lsm_data.SYNTHETIC_VOCAB_SIZE + landmark
 
 
 def mesh_of(config: Config):
