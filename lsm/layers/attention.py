@@ -18,8 +18,7 @@ from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
 from lsm.layers import checks
 from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.kv_cache import DenseKVCache, RingKVCache
-from lsm.layers.norms import RMSNorm
-from lsm.layers.params import logical_param
+from lsm.layers.projections import add_attention_projections
 from lsm.layers.rope import RopeScaling, apply_rope
 from lsm.parallel.context import ContextParallel, context_attention
 from lsm.parallel.decode import shard_cache, sharded_cache_attention
@@ -99,24 +98,8 @@ class Attention(nnx.Module):
     self.mask = Mask(causal=True, window=None if window is None else (self.window, 0),
                      sink_tokens=self.sink_tokens or None)
 
-    h, g, k = num_heads, num_kv_heads, head_dim
-    project_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                   in_axis=0, out_axis=(1, 2))
-    project_out = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=(0, 1), out_axis=2)
-    self.query = logical_param(project_in, rngs.params(), (d_model, h, k),
-                               ("embed", "heads", "head_dim"), param_dtype)
-    self.key = logical_param(project_in, rngs.params(), (d_model, g, k),
-                             ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.value = logical_param(project_in, rngs.params(), (d_model, g, k),
-                               ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.out = logical_param(project_out, rngs.params(), (h, k, d_model),
-                             ("heads", "head_dim", "embed"), param_dtype)
-    if qk_norm:
-      self.query_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
-      self.key_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
-    else:
-      self.query_norm = self.key_norm = None
+    add_attention_projections(self, d_model, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm,
+                              rngs=rngs, param_dtype=param_dtype)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None, *,
                  policy: BlockMemoryPolicy | None = None) -> KVCache:

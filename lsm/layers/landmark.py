@@ -45,8 +45,7 @@ from lsm.kernels.attention import merge
 from lsm.kernels.attention.landmark import LANDMARK_IMPLEMENTATIONS, landmark_attention
 from lsm.layers import checks
 from lsm.layers.kv_cache import EMPTY_POSITION
-from lsm.layers.norms import RMSNorm
-from lsm.layers.params import logical_param
+from lsm.layers.projections import add_attention_projections
 from lsm.layers.rope import RopeScaling, apply_rope
 
 LANDMARK_POSITION_MODES = ("renumbered", "stored")
@@ -194,24 +193,8 @@ class LandmarkAttention(nnx.Module):
     self.dtype = checks.float_dtype(owner, "dtype", dtype)
     param_dtype = checks.float_dtype(owner, "param_dtype", param_dtype)
 
-    h, g, k = num_heads, num_kv_heads, head_dim
-    project_in = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                   in_axis=0, out_axis=(1, 2))
-    project_out = nnx.initializers.variance_scaling(1.0, "fan_in", "truncated_normal",
-                                                    in_axis=(0, 1), out_axis=2)
-    self.query = logical_param(project_in, rngs.params(), (d_model, h, k),
-                               ("embed", "heads", "head_dim"), param_dtype)
-    self.key = logical_param(project_in, rngs.params(), (d_model, g, k),
-                             ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.value = logical_param(project_in, rngs.params(), (d_model, g, k),
-                               ("embed", "kv_heads", "head_dim"), param_dtype)
-    self.out = logical_param(project_out, rngs.params(), (h, k, d_model),
-                             ("heads", "head_dim", "embed"), param_dtype)
-    if qk_norm:
-      self.query_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
-      self.key_norm = RMSNorm(k, axis_name="head_dim", param_dtype=param_dtype)
-    else:
-      self.query_norm = self.key_norm = None
+    add_attention_projections(self, d_model, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm,
+                              rngs=rngs, param_dtype=param_dtype)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None) -> LandmarkCache:
     """An empty cache for positions ``[0, max_length)`` (rounded up to whole blocks)."""
