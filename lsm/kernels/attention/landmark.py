@@ -249,7 +249,101 @@ def _group_ids(segment_ids, block):
   return jax.vmap(one)(segment_ids, block)
 
 
+def is_block_aligned(positions, segment_ids, block_size: int):
+  """Whether every array tile ``[n * S, (n + 1) * S)`` holds exactly one block (``S =
+  block_size + 1``): each segment starts on a tile boundary with position ``0 mod S`` and counts
+  up by one inside a tile. One document per row laid out from position 0 is aligned; so is
+  packing with documents padded to whole blocks. A scalar bool (traceable)."""
+  span = block_size + 1
+  t = positions.shape[-1]
+  index = jnp.arange(t)
+  phase = jnp.all(positions % span == index % span)
+  inside = index[1:] % span != 0
+  runs = (segment_ids[:, 1:] == segment_ids[:, :-1]) & (positions[:, 1:] == positions[:, :-1] + 1)
+  return phase & jnp.all(runs | ~inside)
+
+
 def _xla(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
+  """The grouped softmax by block tiles when the layout is aligned (reductions over a block
+  axis), by sorted group ids and segment reductions otherwise; chosen per call in the graph."""
+  args = (q, k, v, positions, segment_ids, retrieved)
+  return lax.cond(is_block_aligned(positions, segment_ids, block_size),
+                  lambda *a: _xla_aligned(*a, block_size, scale, chunk),
+                  lambda *a: _xla_general(*a, block_size, scale, chunk), *args)
+
+
+def _in_query_chunks(chunk_out, q, positions, segment_ids, retrieved, chunk, dv):
+  """``chunk_out`` over chunks of ``chunk`` queries under `jax.checkpoint` -> [B, T, Hq, Dv]."""
+  b, t, hq, _ = q.shape
+  n = -(-t // chunk)
+  pad = n * chunk - t
+
+  def chunks(x, axis):
+    x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
+    x = x.reshape(x.shape[:axis] + (n, chunk) + x.shape[axis + 1:])
+    return jnp.moveaxis(x, axis, 0)
+
+  xs = (chunks(q, 1), chunks(positions, 1), chunks(segment_ids, 1),
+        None if retrieved is None else chunks(retrieved, 2))
+  out = lax.map(jax.checkpoint(chunk_out), xs)  # [n, B, C, Hq, Dv]
+  out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, dv)
+  return out[:, :t]
+
+
+_PAD_SEGMENT = np.iinfo(np.int32).min  # tail padding of the aligned path: a segment of its own
+
+
+def _xla_aligned(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
+  b, t, hq, _ = q.shape
+  hkv = k.shape[2]
+  acc = jnp.promote_types(q.dtype, jnp.float32)
+  span = block_size + 1
+  nb = -(-t // span)
+  pad = nb * span - t
+
+  def tiles(x, fill=0):
+    x = jnp.pad(x, [(0, 0), (0, pad)] + [(0, 0)] * (x.ndim - 2), constant_values=fill)
+    return x.reshape((b, nb, span) + x.shape[2:])
+
+  k_tiles, v_tiles = tiles(k), tiles(v)  # [B, NB, S, Hkv, D]
+  key_pos, key_seg = tiles(positions), tiles(segment_ids, _PAD_SEGMENT)  # [B, NB, S]
+  key_block = key_pos[:, :, 0] // span  # [B, NB]: every token of a tile is in this block
+  tile_seg = key_seg[:, :, 0]
+  regular = jnp.arange(span) < block_size
+  # A tile's tokens take part as an earlier block only when its landmark is present.
+  carried = key_seg[:, :, block_size] == tile_seg  # [B, NB]
+
+  def chunk_out(args):
+    q_c, pos_c, seg_c, ret_c = args
+    c = q_c.shape[1]
+    q_g = q_c.reshape(b, c, hkv, hq // hkv, -1).astype(acc)
+    s = jnp.einsum("bckgd,bnskd->bkgcns", q_g, k_tiles.astype(acc)) * scale
+    same = (seg_c[:, :, None] == tile_seg[:, None, :])  # [B, C, NB]
+    q_block = (pos_c // span)[:, :, None]
+    own = (same & (key_block[:, None, :] == q_block))[..., None] & (
+        key_pos[:, None] <= pos_c[:, :, None, None]) & (
+        key_seg[:, None] == seg_c[:, :, None, None])  # [B, C, NB, S]: not the tail padding
+    earlier = same & (key_block[:, None, :] < q_block) & carried[:, None, :]  # [B, C, NB]
+    earlier = earlier[:, None, None]
+    if ret_c is not None:
+      earlier = earlier & _retrieved_keys(ret_c, key_block, hkv)
+    m = jnp.max(jnp.where(regular, s, -jnp.inf), axis=-1, keepdims=True)
+    m = lax.stop_gradient(jnp.where(jnp.isfinite(m), m, 0.0))
+    z = jnp.sum(jnp.where(regular, jnp.exp(jnp.where(regular, s - m, 0.0)), 0.0), axis=-1,
+                keepdims=True)
+    lse = m + jnp.log(jnp.where(z > 0, z, 1.0))
+    earlier = earlier[..., None] & regular
+    shifted = s + s[..., block_size:] - lse
+    own = own[:, None, None]
+    logits = jnp.where(own, s, jnp.where(earlier, shifted, 0.0)).reshape(s.shape[:4] + (-1,))
+    visible = jnp.broadcast_to(own | earlier, s.shape).reshape(logits.shape)
+    p = _softmax(logits, visible)
+    return _weighted_values(p, v_tiles.reshape(b, nb * span, hkv, -1), q.dtype)
+
+  return _in_query_chunks(chunk_out, q, positions, segment_ids, retrieved, chunk, v.shape[-1])
+
+
+def _xla_general(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
   b, t, hq, _ = q.shape
   hkv = k.shape[2]
   acc = jnp.promote_types(q.dtype, jnp.float32)
@@ -282,16 +376,4 @@ def _xla(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
     logits = jnp.where(own, s, jnp.where(earlier, shifted, 0.0))
     return _weighted_values(_softmax(logits, own | earlier), v, q.dtype)
 
-  n = -(-t // chunk)
-  pad = n * chunk - t
-
-  def chunks(x, axis):
-    x = jnp.pad(x, [(0, pad) if a == axis else (0, 0) for a in range(x.ndim)])
-    x = x.reshape(x.shape[:axis] + (n, chunk) + x.shape[axis + 1:])
-    return jnp.moveaxis(x, axis, 0)
-
-  xs = (chunks(q, 1), chunks(positions, 1), chunks(segment_ids, 1),
-        None if retrieved is None else chunks(retrieved, 2))
-  out = lax.map(jax.checkpoint(chunk_out), xs)  # [n, B, C, Hq, Dv]
-  out = jnp.moveaxis(out, 0, 1).reshape(b, n * chunk, hq, v.shape[-1])
-  return out[:, :t]
+  return _in_query_chunks(chunk_out, q, positions, segment_ids, retrieved, chunk, v.shape[-1])

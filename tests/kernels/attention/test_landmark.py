@@ -15,6 +15,9 @@ BLOCK = 3  # regular tokens per block: blocks span 4 positions
 # Odd length, GQA 2:1, packed documents of lengths that are not multiples of the block span.
 B, T, HQ, HKV, D = 2, 37, 4, 2, 8
 LAYOUT = [[13, 5, 19], [22, 15]]
+# Block-aligned: documents start on multiples of the span (the XLA path's tile formulation).
+ALIGNED = [[12, 8, 17], [37]]
+LAYOUTS = {"packed": LAYOUT, "aligned": ALIGNED}
 
 
 def definition(q, k, v, positions, segment_ids, block_size, scale, retrieved=None):
@@ -86,11 +89,21 @@ def grads(q, k, v, w, positions, segment_ids, *, implementation):
 CASES = [("xla", jnp.float32), ("xla", jnp.bfloat16)]
 
 
+def test_block_alignment_is_detected():
+  from lsm.kernels.attention.landmark import is_block_aligned
+  assert bool(is_block_aligned(*map(jnp.asarray, packed(ALIGNED)), BLOCK))
+  assert not bool(is_block_aligned(*map(jnp.asarray, packed(LAYOUT)), BLOCK))
+  positions, segments = packed(ALIGNED)
+  positions[1, 9] += 1  # a gap inside a tile
+  assert not bool(is_block_aligned(jnp.asarray(positions), jnp.asarray(segments), BLOCK))
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
 @pytest.mark.parametrize("implementation, dtype", CASES, ids=[f"{i}-{jnp.dtype(d).name}"
                                                               for i, d in CASES])
-def test_matches_the_float64_definition(implementation, dtype):
-  q, k, v, _ = draw(seed_of("definition", implementation, jnp.dtype(dtype).name))
-  positions, segments = packed(LAYOUT)
+def test_matches_the_float64_definition(implementation, dtype, layout):
+  q, k, v, _ = draw(seed_of("definition", implementation, jnp.dtype(dtype).name, layout))
+  positions, segments = packed(LAYOUTS[layout])
   want = definition(q, k, v, positions, segments, BLOCK, D ** -0.5)
   got = forward(*(jnp.asarray(x, dtype) for x in (q, k, v)), positions, segments,
                 implementation=implementation)
@@ -108,9 +121,10 @@ def test_reference_in_float64_is_the_definition():
                              rtol=0, atol=1e-12)
 
 
-def test_xla_gradients_match_the_float64_reference():
-  q, k, v, w = draw(seed_of("grads"))
-  positions, segments = packed(LAYOUT)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_xla_gradients_match_the_float64_reference(layout):
+  q, k, v, w = draw(seed_of("grads", layout))
+  positions, segments = packed(LAYOUTS[layout])
   got = grads(*(jnp.asarray(x, jnp.float32) for x in (q, k, v, w)), positions, segments,
               implementation="xla")
   want = grads(*(jnp.asarray(x) for x in (q, k, v, w)), positions, segments,
@@ -134,12 +148,13 @@ def test_packed_documents_equal_separate_documents():
     assert_close(together[1:, part], alone, jnp.float32, f"document at {part.start}")
 
 
-@pytest.mark.parametrize("implementation, num_blocks", [("xla", 6), ("reference", 4)])
-def test_retrieval_keeps_only_the_retrieved_blocks(implementation, num_blocks):
+@pytest.mark.parametrize("implementation, num_blocks, layout",
+                         [("xla", 6, "packed"), ("xla", 10, "aligned"), ("reference", 4, "packed")])
+def test_retrieval_keeps_only_the_retrieved_blocks(implementation, num_blocks, layout):
   """A random subset of blocks per query and head (with NB = 4, below the highest block 5,
   blocks past NB count as not retrieved); every block retrieved is the training mode."""
-  q, k, v, _ = draw(seed_of("retrieval", implementation))
-  positions, segments = packed(LAYOUT)
+  q, k, v, _ = draw(seed_of("retrieval", implementation, layout))
+  positions, segments = packed(LAYOUTS[layout])
   rng = np.random.default_rng(seed_of("mask", implementation))
   retrieved = rng.random((B, HQ, T, num_blocks)) < 0.5
   args = [jnp.asarray(x, jnp.float32) for x in (q, k, v)] + [positions, segments]
