@@ -8,6 +8,12 @@ tokens of its own row in order.
 
 ``cache_policy``: a `BlockMemoryPolicy` gives every attention mixer a training-free block memory
 (`lsm.layers.block_memory`) instead of its dense cache; `cache_policy_of` reads it from a config.
+
+Landmark models (`lsm.layers.LandmarkAttention`): the model reads a landmark token after every
+block of regular tokens (`lsm.data.landmarks`), so generate inserts them: into the prompts, and
+as forced tokens at every landmark position while decoding. Landmarks are never sampled nor
+returned; prompts and outputs are regular tokens only. The landmark id is the last of the
+model's vocabulary (as `lsm.train` appends it to the data's).
 """
 
 from __future__ import annotations
@@ -23,7 +29,7 @@ from flax import nnx
 
 from lsm.config import ConfigError
 from lsm.decode.sampling import check_sampling, sample
-from lsm.layers import BlockMemoryPolicy
+from lsm.layers import BlockMemoryPolicy, LandmarkAttention
 
 
 @dataclasses.dataclass
@@ -37,6 +43,23 @@ class Generation:
   @property
   def tokens_per_s(self) -> float:
     return self.batch_size * self.decode_steps / max(self.decode_s, 1e-9)
+
+
+def landmark_layout(model: nnx.Module) -> tuple[int, int] | None:
+  """``(block_size, landmark_id)`` for a model with landmark attention, else None."""
+  sizes = {m.block_size for _, m in nnx.iter_graph(model) if isinstance(m, LandmarkAttention)}
+  if not sizes:
+    return None
+  if len(sizes) > 1:
+    raise ValueError(f"generate: the model's landmark layers disagree on block_size "
+                     f"({sorted(sizes)}); one landmark layout per model is supported")
+  return sizes.pop(), model.vocab_size - 1
+
+
+def _with_landmarks(prompt: np.ndarray, block_size: int, landmark_id: int) -> np.ndarray:
+  """The prompt with a landmark after every complete block of ``block_size`` tokens."""
+  return np.insert(prompt, np.arange(block_size, prompt.size + 1, block_size),
+                   landmark_id).astype(np.int32)
 
 
 def _check_prompts(prompts, vocab_size: int) -> list[np.ndarray]:
@@ -75,9 +98,11 @@ def _step(graphdef, params, token, position, cache):
   return logits[:, 0], cache
 
 
-@functools.partial(jax.jit, static_argnums=4)
-def _pick(logits, key, forced, has_forced, sampling):
+@functools.partial(jax.jit, static_argnums=(4, 5))
+def _pick(logits, key, forced, has_forced, sampling, banned):
   temperature, top_k, top_p = sampling
+  if banned is not None:  # the landmark token: only ever forced
+    logits = logits.at[:, banned].set(-jnp.inf)
   return jnp.where(has_forced, forced, sample(logits, key, temperature=temperature, top_k=top_k,
                                               top_p=top_p))
 
@@ -99,8 +124,9 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
              cache_dtype=jnp.float32, cache_policy: BlockMemoryPolicy | None = None) -> Generation:
   """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token).
   ``cache_policy``: None (each mixer's own cache) or a `BlockMemoryPolicy` for the attention
-  mixers."""
-  prompts = _check_prompts(prompts, model.vocab_size)
+  mixers. Landmark models get their landmark tokens inserted (module docstring)."""
+  landmarks = landmark_layout(model)
+  prompts = _check_prompts(prompts, model.vocab_size - (landmarks is not None))
   if cache_policy is not None and not isinstance(cache_policy, BlockMemoryPolicy):
     raise TypeError(f"generate: cache_policy must be a BlockMemoryPolicy or None, got "
                     f"{type(cache_policy).__name__}")
@@ -109,14 +135,20 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
     raise ValueError(f"generate: max_new_tokens must be a positive int, got {max_new_tokens!r}")
   check_sampling(temperature, top_k, top_p)
   b = len(prompts)
-  lengths = np.array([p.size for p in prompts])
-  common = int(lengths.min())
-  steps = int(lengths.max()) - common + max_new_tokens
-  needed = common + steps
+  if landmarks is None:
+    needed = max(p.size for p in prompts) + max_new_tokens
+  else:  # positions count the landmarks
+    block_size, landmark_id = landmarks
+    span = block_size + 1
+    needed = max(p.size for p in prompts) + max_new_tokens
+    needed += needed // block_size
+    prompts = [_with_landmarks(p, block_size, landmark_id) for p in prompts]
+  common = min(p.size for p in prompts)
+  steps = needed - common
   max_length = max_length or needed
   if max_length < needed:
     raise ValueError(f"generate: max_length={max_length} is shorter than the longest prompt plus "
-                     f"max_new_tokens ({needed})")
+                     f"max_new_tokens ({needed}{', landmarks counted' if landmarks else ''})")
   graphdef, params = nnx.split(model)
   started = time.perf_counter()
   cache = _init_cache(graphdef, params, b, max_length, jnp.dtype(cache_dtype), cache_policy)
@@ -136,6 +168,10 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
     rest = p[common:]
     forced[i, :rest.size] = rest
     has_forced[i, :rest.size] = True
+  if landmarks is not None:  # every row is at position common + n at step n
+    at_landmark = (common + np.arange(steps)) % span == block_size
+    forced[:, at_landmark] = landmark_id
+    has_forced[:, at_landmark] = True
   sampling = (float(temperature), top_k, None if top_p is None else float(top_p))
   key = jax.random.key(seed)
   out = [[] for _ in range(b)]
@@ -145,7 +181,8 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
   n = 0
   for n in range(steps):
     key, sub = jax.random.split(key)
-    token = np.asarray(_pick(logits, sub, forced[:, n], has_forced[:, n], sampling))
+    token = np.asarray(_pick(logits, sub, forced[:, n], has_forced[:, n], sampling,
+                             None if landmarks is None else landmarks[1]))
     for i in range(b):
       if not has_forced[i, n] and not done[i]:
         out[i].append(int(token[i]))

@@ -1,5 +1,6 @@
 """Generation: greedy decoding equals the full forward's argmax, prompts of different lengths
-in one batch equal each prompt alone (dense and ring-buffer caches), sampling filters."""
+in one batch equal each prompt alone (dense and ring-buffer caches), sampling filters; landmark
+models get landmark tokens inserted in the prompt and while decoding, never emitted."""
 
 import jax
 import jax.numpy as jnp
@@ -8,7 +9,7 @@ import pytest
 from flax import nnx
 
 from lsm.config import load_config
-from lsm.decode import generate, sample
+from lsm.decode import generate, landmark_layout, sample
 from lsm.models import LM
 
 VOCAB = 30
@@ -46,6 +47,44 @@ def test_a_batch_of_different_lengths_equals_each_prompt_alone(cache):
   together = generate(model, prompts, max_new_tokens=5).tokens
   alone = [generate(model, [p], max_new_tokens=5).tokens[0] for p in prompts]
   assert together == alone
+
+
+LANDMARK = ["model.layer_pattern=[landmark]", "model.landmark.block_size=3"]
+
+
+def test_landmark_models_decode_with_landmarks_inserted():
+  """Greedy generation equals the argmax of the full forward (training mode) over the sequence
+  with a landmark (id VOCAB - 1) after every 3 regular tokens; the landmark is never emitted,
+  even where the model would rank it first."""
+  model = _model(*LANDMARK)
+  assert landmark_layout(model) == (3, VOCAB - 1)
+  landmark = VOCAB - 1
+  # Make the landmark the model's favourite token, so only the ban keeps it out of the output.
+  model.embed.embedding[...] = model.embed.embedding[...].at[landmark].multiply(50.0)
+  prompt = list(np.random.default_rng(5).integers(0, VOCAB - 1, 7))
+  out = generate(model, [prompt], max_new_tokens=8, prefill_chunk=4).tokens[0]
+  assert len(out) == 8 and landmark not in out
+  regular, favoured = list(prompt), 0
+  for token in out:
+    sequence = []
+    for i, t in enumerate(regular):
+      sequence.append(t)
+      if (i + 1) % 3 == 0:
+        sequence.append(landmark)
+    logits = model(jnp.asarray([sequence]))[0, -1]
+    favoured += int(jnp.argmax(logits)) == landmark
+    assert int(jnp.argmax(logits.at[landmark].set(-jnp.inf))) == token
+    regular.append(token)
+  assert favoured > 0
+  # Prompts of different lengths in one batch: each as if alone.
+  prompts = [prompt, prompt[:4], prompt[:2] + prompt]
+  together = generate(model, prompts, max_new_tokens=5).tokens
+  assert together == [generate(model, [p], max_new_tokens=5).tokens[0] for p in prompts]
+
+
+def test_landmark_prompts_may_not_hold_the_landmark_token():
+  with pytest.raises(ValueError, match=r"prompts\[0\] has token ids outside \[0, 29\)"):
+    generate(_model(*LANDMARK), [[1, 2, VOCAB - 1]], max_new_tokens=2)
 
 
 def test_stop_tokens_end_a_row():
