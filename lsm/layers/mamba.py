@@ -117,6 +117,22 @@ class _SSMMixer(nnx.Module):
                     ssm=jnp.zeros((batch_size, *self._state_shape), jnp.float32),
                     segment_ids=jnp.zeros((batch_size,), jnp.int32))
 
+  def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: SSMCache | None = None):
+    """x [B, T, D] -> y [B, T, D] in ``dtype`` (and the updated cache when one is given).
+
+    positions: [B, T] or [T] integers, checked and unused. segment_ids: [B, T] or [T]
+    integers; the state and conv window restart where the id changes (packed documents). With a
+    cache, None means segment 0 for every token.
+    cache: from `init_cache`; x then holds the next t >= 1 tokens and the call returns
+      ``(y, cache)``.
+    """
+    x_BTD, reset_BT, last_segment_B = self._inputs(x_BTD, positions, segment_ids, cache)
+    y_BTD, conv_state, ssm_state = self._mix(x_BTD, reset_BT, cache)
+    if cache is None:
+      return y_BTD
+    return y_BTD, SSMCache(conv=conv_state, ssm=ssm_state.astype(jnp.float32),
+                           segment_ids=last_segment_B)
+
   def _inputs(self, x_BTD, positions, segment_ids, cache):
     """Checks the call; returns (x in the compute dtype, reset [B, T] or None, last segment ids
     [B] for the next cache or None)."""
@@ -208,16 +224,8 @@ class Mamba(_SSMMixer):
   def _state_shape(self) -> tuple[int, ...]:
     return (self.inner, self.state_size)
 
-  def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: SSMCache | None = None):
-    """x [B, T, D] -> y [B, T, D] in ``dtype`` (and the updated cache when one is given).
-
-    positions: [B, T] or [T] integers, checked and unused. segment_ids: [B, T] or [T]
-    integers; the state and conv window restart where the id changes (packed documents). With a
-    cache, None means segment 0 for every token.
-    cache: from `init_cache`; x then holds the next t >= 1 tokens and the call returns
-      ``(y, cache)``.
-    """
-    x_BTD, reset_BT, last_segment_B = self._inputs(x_BTD, positions, segment_ids, cache)
+  def _mix(self, x_BTD, reset_BT, cache):
+    """(y [B, T, D], conv state, ssm state) of the checked inputs."""
     cd = self.dtype
     xs_BTE = x_BTD @ self.in_x[...].astype(cd)
     z_BTE = x_BTD @ self.in_z[...].astype(cd)
@@ -233,11 +241,7 @@ class Mamba(_SSMMixer):
         xs_BTE, delta_BTE, -jnp.exp(self.A_log[...]), B_BTN, C_BTN, D=self.D[...], z=z_BTE,
         h0=None if cache is None else cache.ssm, reset=reset_BT, delta_softplus=False,
         chunk_size=self.chunk_size, implementation=self.implementation)
-    y_BTD = y_BTE @ self.out[...].astype(cd)
-    if cache is None:
-      return y_BTD
-    return y_BTD, SSMCache(conv=conv_state, ssm=h_BEN.astype(jnp.float32),
-                           segment_ids=last_segment_B)
+    return y_BTE @ self.out[...].astype(cd), conv_state, h_BEN
 
 
 class GatedRMSNorm(nnx.Module):
@@ -350,16 +354,8 @@ class Mamba2(_SSMMixer):
   def _state_shape(self) -> tuple[int, ...]:
     return (self.num_heads, self.head_dim, self.state_size)
 
-  def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: SSMCache | None = None):
-    """x [B, T, D] -> y [B, T, D] in ``dtype`` (and the updated cache when one is given).
-
-    positions: [B, T] or [T] integers, checked and unused. segment_ids: [B, T] or [T]
-    integers; the state and conv window restart where the id changes (packed documents). With a
-    cache, None means segment 0 for every token.
-    cache: from `init_cache`; x then holds the next t >= 1 tokens and the call returns
-      ``(y, cache)``.
-    """
-    x_BTD, reset_BT, last_segment_B = self._inputs(x_BTD, positions, segment_ids, cache)
+  def _mix(self, x_BTD, reset_BT, cache):
+    """(y [B, T, D], conv state, ssm state) of the checked inputs."""
     cd = self.dtype
     b, t, _ = x_BTD.shape
     h, p, g, n = self.num_heads, self.head_dim, self.num_groups, self.state_size
@@ -386,7 +382,4 @@ class Mamba2(_SSMMixer):
         D=self.D[...], h0=None if cache is None else cache.ssm, reset=reset_BT,
         delta_softplus=False, chunk_size=self.chunk_size, implementation=self.implementation)
     y_BTD = jnp.einsum("bthp,hpd->btd", self.norm(y_BTHP, z_BTHP), self.out[...].astype(cd))
-    if cache is None:
-      return y_BTD
-    return y_BTD, SSMCache(conv=conv_state, ssm=h_BHPN.astype(jnp.float32),
-                           segment_ids=last_segment_B)
+    return y_BTD, conv_state, h_BHPN

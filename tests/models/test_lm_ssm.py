@@ -10,29 +10,17 @@ import pytest
 from flax import nnx
 
 from lsm.config import load_config
-from lsm.models import LM
 from lsm.train import train
+from tests.models.test_lm import VOCAB, _rel, _tokens
+from tests.models.test_lm import _model as lm_model
 
-VOCAB = 40
 # S4 (DPLR) has the same invariants tested at the layer level (tests/layers/test_s4.py).
 PATTERNS = {"mamba2+attention": "[mamba2,attention]", "mamba+s4d": "[mamba,s4d]"}
-SMALL = ["model.d_model=32", "model.num_layers=2", "model.num_heads=4", "model.num_kv_heads=2",
-         "model.mlp_dim=48", "model.ssm.state_size=8", "model.ssm.head_dim=16",
-         "model.ssm.chunk_size=8"]
+SSM_SMALL = ["model.ssm.state_size=8", "model.ssm.head_dim=16", "model.ssm.chunk_size=8"]
 
 
 def _model(pattern, *overrides, seed=0):
-  config = load_config(None, [*SMALL, f"model.layer_pattern={pattern}", *overrides]).model
-  with nnx.use_eager_sharding(False):
-    return LM(config, vocab_size=VOCAB, rngs=nnx.Rngs(seed))
-
-
-def _tokens(b, t, seed=1):
-  return jax.random.randint(jax.random.key(seed), (b, t), 0, VOCAB)
-
-
-def _rel(a, b):
-  return float(jnp.max(jnp.abs(a - b)) / jnp.max(jnp.abs(b)))
+  return lm_model(*SSM_SMALL, f"model.layer_pattern={pattern}", *overrides, seed=seed)
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
