@@ -35,18 +35,22 @@ def test_prefill_then_decode_equals_one_forward(cache, chunk):
   model = _model(*extra)
   tokens = _tokens(2, 20)
   full = model(tokens)
-  state = model.init_cache(2, 24)
+  sizes = [chunk] * (11 // chunk) + [11 % chunk] + [1] * 9
+  assert _rel(decode_in_pieces(model, tokens, [s for s in sizes if s], 24), full) < 1e-5
+
+
+def decode_in_pieces(model, tokens, sizes, max_length):
+  """Logits of ``tokens`` [B, T] fed through the model's cache in chunks of ``sizes`` (sum T)."""
+  assert sum(sizes) == tokens.shape[1]
+  state = model.init_cache(tokens.shape[0], max_length)
   decode = nnx.jit(lambda m, x, p, c: m.decode(x, positions=p, cache=c))
   outs, t = [], 0
-  for size in [chunk] * (11 // chunk) + [11 % chunk] + [1] * 9:
-    if size == 0:
-      continue
-    pos = jnp.broadcast_to(jnp.arange(t, t + size), (2, size))
+  for size in sizes:
+    pos = jnp.broadcast_to(jnp.arange(t, t + size), (tokens.shape[0], size))
     logits, state = decode(model, tokens[:, t:t + size], pos, state)
     outs.append(logits)
     t += size
-  assert t == 20
-  assert _rel(jnp.concatenate(outs, axis=1), full) < 1e-5
+  return jnp.concatenate(outs, axis=1)
 
 
 def test_packing_equals_separate_documents():

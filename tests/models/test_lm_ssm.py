@@ -3,15 +3,13 @@ whole model, and bf16 training for 300 steps with no non-finite loss."""
 
 import json
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 from lsm.config import load_config
 from lsm.train import train
-from tests.models.test_lm import VOCAB, _rel, _tokens
+from tests.models.test_lm import VOCAB, _rel, _tokens, decode_in_pieces
 from tests.models.test_lm import _model as lm_model
 
 # S4 (DPLR) has the same invariants tested at the layer level (tests/layers/test_s4.py).
@@ -28,16 +26,7 @@ def test_prefill_then_decode_equals_one_forward(pattern):
   model = _model(PATTERNS[pattern])
   tokens = _tokens(2, 23)
   full = model(tokens)
-  state = model.init_cache(2, 32)
-  decode = nnx.jit(lambda m, x, p, c: m.decode(x, positions=p, cache=c))
-  outs, t = [], 0
-  for size in [11, 5, 1, 1, 1, 1, 1, 1, 1]:
-    pos = jnp.broadcast_to(jnp.arange(t, t + size), (2, size))
-    logits, state = decode(model, tokens[:, t:t + size], pos, state)
-    outs.append(logits)
-    t += size
-  assert t == 23
-  assert _rel(jnp.concatenate(outs, axis=1), full) < 1e-5
+  assert _rel(decode_in_pieces(model, tokens, [11, 5, 1, 1, 1, 1, 1, 1, 1], 32), full) < 1e-5
 
 
 @pytest.mark.parametrize("pattern", PATTERNS)
