@@ -37,6 +37,7 @@ from lsm.kernels.attention.blocks import TokenBlocks, block_tables
 from lsm.kernels.attention.mask import array_module
 from lsm.log import log_once
 from lsm.parallel.layout import check_layout, layout_multiple, permutation
+from lsm.parallel.specs import divisible_axes, resharded
 
 STRATEGIES = ("auto", "ring", "all_gather", "ulysses", "hybrid")
 
@@ -68,16 +69,6 @@ def _axes_tuple(axis, strategy, owner):
   if strategy != "hybrid" and strategy != "auto" and len(names) != 1:
     raise ValueError(f"{owner}: strategy={strategy!r} takes one mesh axis, got axis={axis!r}")
   return names
-
-
-def _spec_axes(mesh, names, size, what):
-  """The mesh axes among ``names`` (present, size > 1) that divide ``size``, or None."""
-  axes = tuple(a for a in names if a in mesh.axis_names and mesh.shape[a] > 1)
-  if axes and size % math.prod(mesh.shape[a] for a in axes):
-    log_once(f"context_attention: {what}={size} is not divisible by mesh axes {axes}; "
-             f"replicated over them")
-    return None
-  return (axes[0] if len(axes) == 1 else axes) if axes else None
 
 
 # --------------------------------------------------------------------------------- cost model
@@ -405,14 +396,6 @@ class ContextParallel:
 # --------------------------------------------------------------------------------- entry point
 
 
-def _resharded(mesh, args, specs):
-  """Under a mesh with Explicit axes shard_map takes inputs only as the specs say: reshard them."""
-  explicit = jax.sharding.AxisType.Explicit
-  if not any(t == explicit for t in getattr(mesh, "axis_types", ())):
-    return args
-  return tuple(x if x is None else jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
-
-
 def context_attention(q, k, v, *, mesh=None, strategy: str = "auto", axis="sequence",
                       layout: str = "contiguous", mask: Mask | None = None, q_positions=None,
                       kv_positions=None, q_segment_ids=None, kv_segment_ids=None, sinks=None,
@@ -510,7 +493,7 @@ def context_attention(q, k, v, *, mesh=None, strategy: str = "auto", axis="seque
                 implementation=implementation, block_sizes=block_sizes)
   call = _Call(strategy, axes, sizes, kwargs, table, q_seg is not None, sinks is not None)
 
-  batch_spec = _spec_axes(mesh, batch_axes, b, "the batch")
+  batch_spec = divisible_axes(mesh, batch_axes, b, "the batch", "context_attention")
   seq = axes[0] if len(axes) == 1 else axes
   qkv_spec = P(batch_spec, seq, heads_spec, None)
   tok_spec = P(batch_spec, seq)
@@ -523,5 +506,5 @@ def context_attention(q, k, v, *, mesh=None, strategy: str = "auto", axis="seque
   args = (q, k, v, jnp.asarray(q_pos), jnp.asarray(kv_pos),
           None if q_seg is None else jnp.asarray(q_seg),
           None if kv_seg is None else jnp.asarray(kv_seg), sinks)
-  out, lse = body(*_resharded(mesh, args, in_specs))
+  out, lse = body(*resharded(mesh, args, in_specs))
   return (out, lse) if return_lse else out

@@ -14,7 +14,8 @@ from jax import lax
 from jax.sharding import PartitionSpec as P
 
 from lsm.kernels.attention import attention
-from lsm.parallel.context import _resharded, _spec_axes, current_mesh
+from lsm.parallel.context import current_mesh
+from lsm.parallel.specs import divisible_axes, resharded
 
 
 def merge_across(out, lse, axis, sinks=None):
@@ -67,7 +68,7 @@ def sharded_cache_attention(q, new_k, new_v, new_positions, new_segment_ids, cac
     raise ValueError(f"sharded_cache_attention: cannot write {t} tokens into a cache of "
                      f"max_length={cache.max_length} with {int(cache.length)} slots filled; "
                      f"create the cache with a larger max_length")
-  batch_spec = _spec_axes(mesh, batch_axes, b, "the batch")
+  batch_spec = divisible_axes(mesh, batch_axes, b, "the batch", "sharded_cache_attention")
   heads = head_axis if (head_axis and head_axis in mesh.axis_names and mesh.shape[head_axis] > 1
                         and hq % mesh.shape[head_axis] == 0
                         and hkv % mesh.shape[head_axis] == 0) else None
@@ -96,7 +97,7 @@ def sharded_cache_attention(q, new_k, new_v, new_positions, new_segment_ids, cac
           cache.positions, cache.segment_ids, cache.length, sinks)
   out, keys, values, positions, segment_ids = jax.shard_map(
       body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)(
-          *_resharded(mesh, args, in_specs))
+          *resharded(mesh, args, in_specs))
   # Under jit the fill count is not known while tracing: an overflowing write is dropped, and the
   # outputs of that step are NaN so that it cannot go unnoticed.
   out = jnp.where(cache.length + t > cache.max_length, jnp.nan, out)

@@ -18,14 +18,12 @@ Tokens must be in order (the ``contiguous`` layout): a scan has a direction.
 
 from __future__ import annotations
 
-import math
-
 import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import PartitionSpec as P
 
-from lsm.log import log_once
+from lsm.parallel.specs import divisible_axes, resharded
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -38,15 +36,6 @@ def sequence_shards(axis: str = "sequence") -> int:
   return int(mesh.shape[axis])
 
 
-def _batch_spec(mesh, batch: int):
-  axes = tuple(a for a in BATCH_AXES if a in mesh.axis_names and mesh.shape[a] > 1)
-  if axes and batch % math.prod(mesh.shape[a] for a in axes):
-    log_once(f"sequence-parallel scan: batch={batch} is not divisible by mesh axes {axes}; "
-             f"replicated over them")
-    return None
-  return (axes[0] if len(axes) == 1 else axes) if axes else None
-
-
 def _check_length(op: str, length: int, shards: int, minimum: int = 1):
   if length % shards or length // shards < minimum:
     raise ValueError(f"{op}: under a mesh with {shards} devices on 'sequence' the length T must "
@@ -54,16 +43,9 @@ def _check_length(op: str, length: int, shards: int, minimum: int = 1):
                      f"T={length}")
 
 
-def _resharded(mesh, args, specs):
-  explicit = jax.sharding.AxisType.Explicit
-  if not any(t == explicit for t in getattr(mesh, "axis_types", ())):
-    return args
-  return tuple(x if x is None else jax.sharding.reshard(x, spec) for x, spec in zip(args, specs))
-
-
 def _sharded(mesh, body, args, in_specs, out_specs):
   fn = jax.shard_map(body, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
-  return fn(*_resharded(mesh, args, in_specs))
+  return fn(*resharded(mesh, args, in_specs))
 
 
 def _incoming(decay, h_last, h0, axis: str, shards: int):
@@ -120,7 +102,7 @@ def linear_scan(a, b, h0=None, *, reset=None, reverse=False, implementation=None
     h = h_loc.astype(last_loc.dtype) + decay_t.astype(last_loc.dtype) * h_in[:, None]
     return h.astype(h_loc.dtype), h_last
 
-  bspec = _batch_spec(mesh, batch)
+  bspec = divisible_axes(mesh, BATCH_AXES, batch, "batch", "sequence-parallel scan")
   rest = (None,) * (b.ndim - 2)
   seq_spec, state_spec = P(bspec, axis, *rest), P(bspec, *rest)
   specs = (seq_spec, seq_spec, state_spec, None if reset is None else P(bspec, axis))
@@ -166,7 +148,8 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, *, res
       decay = decay * alive_BT[:, -1, None, None]
     h_in, h_last = _incoming(decay, last_loc, h0.astype(last_loc.dtype), axis, shards)
     # y_t += C_t . (exp(A cum_t) h_in), reduced over the state without storing [B,T,E,N].
-    corr_BTE = jnp.einsum("btn,bten,ben->bte", C.astype(f), jnp.exp(A.astype(f) * cum_BTE[..., None]),
+    corr_BTE = jnp.einsum("btn,bten,ben->bte", C.astype(f),
+                          jnp.exp(A.astype(f) * cum_BTE[..., None]),
                           h_in)
     if alive_BT is not None:
       corr_BTE = corr_BTE * alive_BT[..., None]
@@ -174,7 +157,7 @@ def selective_scan(x, dt, A, B, C, D=None, z=None, dt_bias=None, h0=None, *, res
       corr_BTE = corr_BTE * jax.nn.silu(z.astype(f))
     return (y_loc.astype(f) + corr_BTE).astype(y_loc.dtype), h_last
 
-  bspec = _batch_spec(mesh, batch)
+  bspec = divisible_axes(mesh, BATCH_AXES, batch, "batch", "sequence-parallel scan")
   seq3, seq2 = P(bspec, axis, None), P(bspec, axis)
   opt = lambda v, spec: None if v is None else spec  # noqa: E731
   specs = (seq3, seq3, P(None, None), seq3, seq3, opt(D, P(None)), opt(z, seq3),
@@ -215,11 +198,12 @@ def ssd(x, dt, A, B, C, D=None, dt_bias=None, h0=None, *, reset=None, delta_soft
     corr_BTHP = corr.reshape(*corr.shape[:2], heads, head_dim) * decay_BTH[..., None]
     return (y_loc.astype(f) + corr_BTHP).astype(y_loc.dtype), h_last
 
-  bspec = _batch_spec(mesh, batch)
+  bspec = divisible_axes(mesh, BATCH_AXES, batch, "batch", "sequence-parallel scan")
   seq4, seq3, seq2 = P(bspec, axis, None, None), P(bspec, axis, None), P(bspec, axis)
   opt = lambda v, spec: None if v is None else spec  # noqa: E731
   d_spec = None if D is None else P(*(None,) * D.ndim)
-  specs = (seq4, seq3, P(None), seq4, seq4, d_spec, opt(dt_bias, P(None)), P(bspec, None, None, None), opt(reset, seq2))
+  specs = (seq4, seq3, P(None), seq4, seq4, d_spec, opt(dt_bias, P(None)),
+           P(bspec, None, None, None), opt(reset, seq2))
   return _sharded(mesh, body, (x, dt, A, B, C, D, dt_bias, h0, reset), specs,
                   (seq4, P(bspec, None, None, None)))
 
@@ -259,7 +243,7 @@ def causal_conv1d(x, weight, bias=None, *, reset=None, state=None, axis: str = "
     new_resets = lax.psum(jnp.where(last, new.resets, False).astype(jnp.int32), axis) > 0
     return y, new_inputs, new_resets
 
-  bspec = _batch_spec(mesh, batch)
+  bspec = divisible_axes(mesh, BATCH_AXES, batch, "batch", "sequence-parallel scan")
   seq3, seq2 = P(bspec, axis, None), P(bspec, axis)
   specs = (seq3, P(None, None), None if bias is None else P(None), seq2, P(bspec, None, None),
            P(bspec, None))
