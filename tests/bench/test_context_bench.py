@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from lsm.bench import context as bench
+from lsm.bench.hlo import collectives
 from lsm.kernels.attention import attention
 
 
@@ -104,7 +105,7 @@ ENTRY %main (a: f32[2,8]) -> f32[2,8] {
   %rs = s32[4]{0} reduce-scatter(%e), replica_groups={{0,1,2,3}}, dimensions={0}
 }
 """
-  got = bench.collectives(hlo, devices=8)
+  got = collectives(hlo, devices=8)
   assert got["counts"] == {"all-reduce": 1, "collective-permute": 1, "all-gather": 1,
                            "all-to-all": 1, "reduce-scatter": 1}
   assert got["payload_bytes"] == 16 + 64 + 256 + 64 + 16
