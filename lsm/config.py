@@ -78,6 +78,7 @@ class LandmarkConfig(_Section):
   block_size: int = Field(64, gt=0)  # tokens per block, the landmark not counted
   top_k: int | None = Field(None, gt=0)  # None: grouped softmax over every block (training)
   positions: Literal["renumbered", "stored"] = "renumbered"  # of retrieved blocks (top_k set)
+  cache_memory: Literal["device", "host"] = "device"  # where decode caches keep keys/values
 
 
 class RecurrentMemoryConfig(_Section):

@@ -29,17 +29,27 @@ The cache holds raw (pre-RoPE) keys, so retrieved blocks can be rotated at eithe
 
 With ``top_k`` at least the number of earlier blocks both choices equal training mode for a
 document laid out from position 0 without gaps. Per decoded token the cost is the landmark
-scoring (linear in the number of blocks) plus ``top_k + 1`` blocks of attention. Blocks are kept
-in device memory (no host-memory offload).
+scoring (linear in the number of blocks) plus ``top_k + 1`` blocks of attention.
+
+Host memory (``cache_memory="host"``): the cache's keys and values (all but a few bytes per
+token) live in the backend's pinned host memory; the landmark keys used for scoring, positions
+and segment ids stay on the device. Writing a chunk and gathering the own and the retrieved
+blocks run as host computations (`jax.experimental.compute_on`), and only the gathered blocks
+move to the device, so device memory per step holds ``top_k + 1`` blocks per query instead of
+the whole context. Needs a backend with a ``pinned_host`` memory kind (CPU, GPU and TPU in
+current jaxlib); tested on CPU only.
 """
 
 from __future__ import annotations
+
+import contextlib
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx, struct
 from jax import lax
+from jax.experimental.compute_on import compute_on
 
 from lsm.kernels.attention import merge
 from lsm.kernels.attention.landmark import LANDMARK_IMPLEMENTATIONS, landmark_attention
@@ -49,6 +59,19 @@ from lsm.layers.projections import add_attention_projections
 from lsm.layers.rope import RopeScaling, apply_rope
 
 LANDMARK_POSITION_MODES = ("renumbered", "stored")
+LANDMARK_CACHE_MEMORY = ("device", "host")  # where a LandmarkCache keeps its keys and values
+
+
+def check_cache_memory(owner: str, name: str, memory) -> str:
+  """``memory`` if it is one of LANDMARK_CACHE_MEMORY that this backend offers, else an error."""
+  if memory not in LANDMARK_CACHE_MEMORY:
+    raise ValueError(f"{owner}: {name} must be one of {LANDMARK_CACHE_MEMORY}, got {memory!r}")
+  if memory == "host":
+    kinds = sorted({m.kind for m in jax.devices()[0].addressable_memories()})
+    if "pinned_host" not in kinds:
+      raise ValueError(f"{owner}: {name}='host' needs a backend with a 'pinned_host' memory "
+                       f"kind; {jax.default_backend()} offers {kinds}; use 'device'")
+  return memory
 
 
 def _concrete(x):
@@ -70,6 +93,9 @@ class LandmarkCache:
   replaces the old one's slots (within one call a row's tokens must belong to one document).
   Positions outside ``[0, NB * S)`` are a ValueError when known at call time; under ``jit`` the
   outputs of those tokens are NaN.
+
+  memory: "device", or "host": keys and values in pinned host memory, written and gathered by
+  host computations (see the module docstring); the other arrays stay on the device.
   """
 
   keys: jax.Array
@@ -78,10 +104,11 @@ class LandmarkCache:
   segment_ids: jax.Array
   landmarks: jax.Array
   block_size: int = struct.field(pytree_node=False)
+  memory: str = struct.field(pytree_node=False, default="device")
 
   @classmethod
   def create(cls, batch_size: int, max_length: int, num_kv_heads: int, head_dim: int,
-             dtype=jnp.float32, *, block_size: int) -> LandmarkCache:
+             dtype=jnp.float32, *, block_size: int, memory: str = "device") -> LandmarkCache:
     owner = "LandmarkCache"
     batch_size = checks.positive_int(owner, "batch_size", batch_size)
     max_length = checks.positive_int(owner, "max_length", max_length)
@@ -89,10 +116,13 @@ class LandmarkCache:
     head_dim = checks.positive_int(owner, "head_dim", head_dim)
     block_size = checks.positive_int(owner, "block_size", block_size)
     dtype = checks.float_dtype(owner, "dtype", dtype)
+    check_cache_memory(owner, "memory", memory)
     span = block_size + 1
     nb = -(-max_length // span)
     kv = jnp.zeros((batch_size, nb, span, num_kv_heads, head_dim), dtype)
-    return cls(keys=kv, values=kv,
+    if memory == "host":
+      kv = jax.device_put(kv, jax.memory.Space.Host)
+    return cls(keys=kv, values=kv, memory=memory,
                positions=jnp.full((batch_size, nb, span), EMPTY_POSITION, jnp.int32),
                segment_ids=jnp.zeros((batch_size, nb, span), jnp.int32),
                landmarks=jnp.zeros((batch_size, nb, num_kv_heads, head_dim), dtype),
@@ -106,6 +136,26 @@ class LandmarkCache:
   def capacity(self) -> int:
     """Positions ``[0, capacity)`` fit."""
     return self.num_blocks * (self.block_size + 1)
+
+  def _on_store(self):
+    """Where computations on keys and values run: on the host when they live there."""
+    return compute_on("device_host") if self.memory == "host" else contextlib.nullcontext()
+
+  def _to_store(self, xs):
+    """The arrays of the tuple xs moved to where keys and values live (slices kept)."""
+    if self.memory != "host":
+      return xs
+    return tuple(jax.device_put(jnp.asarray(x), jax.memory.Space.Host)
+                 if not isinstance(x, slice) else x for x in xs)
+
+  def gather(self, index):
+    """(keys, values) ``[index]`` (an index into [B, NB, S, Hkv, ...]) as device arrays."""
+    index = self._to_store(index)
+    with self._on_store():
+      keys, values = self.keys[index], self.values[index]
+    if self.memory == "host":
+      keys, values = (jax.device_put(x, jax.memory.Space.Device) for x in (keys, values))
+    return keys, values
 
   def landmark_positions(self):
     """[B, NB] the position of each block's landmark; ``EMPTY_POSITION`` if not complete."""
@@ -125,11 +175,16 @@ class LandmarkCache:
     entry = positions % span
     rows = jnp.arange(positions.shape[0])[:, None]
 
-    def put(buffer, new, index=(block, entry)):
+    def put(buffer, new, index=(block, entry), rows=rows):
       return buffer.at[(rows, *index)].set(new.astype(buffer.dtype), mode="drop")
 
     landmark_block = jnp.where(entry == self.block_size, block, self.num_blocks)
-    return self.replace(keys=put(self.keys, keys), values=put(self.values, values),
+    where = self._to_store((rows, block, entry))
+    keys, values = self._to_store((keys, values))
+    with self._on_store():
+      new_keys, new_values = (put(buffer, new, where[1:], where[0]) for buffer, new in (
+          (self.keys, keys), (self.values, values)))
+    return self.replace(keys=new_keys, values=new_values,
                         positions=put(self.positions, positions),
                         segment_ids=put(self.segment_ids, segment_ids),
                         landmarks=put(self.landmarks, keys, (landmark_block,)))
@@ -147,6 +202,7 @@ class LandmarkAttention(nnx.Module):
       top_k set, the forward without a cache runs inference mode: a prefill into a fresh cache of
       T positions, so every row must then hold one document at positions in ``[0, T)``.
     positions: "renumbered" or "stored": where retrieved blocks are rotated.
+    cache_memory: "device" or "host": where `init_cache` keeps the blocks' keys and values.
     implementation: of the training kernel, "reference" or "xla" (None: "xla").
     query_chunk: queries processed at once (training kernel and cached calls), so memory grows
       linearly with the tokens of a call.
@@ -155,7 +211,7 @@ class LandmarkAttention(nnx.Module):
 
   def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
                *, block_size: int, top_k: int | None = None, positions: str = "renumbered",
-               rope_base: float = 10000.0, rope_scaling: RopeScaling = RopeScaling(),
+               cache_memory: str = "device", rope_base: float = 10000.0, rope_scaling: RopeScaling = RopeScaling(),
                implementation: str | None = None, qk_norm: bool = False,
                query_chunk: int = 128, rngs: nnx.Rngs, dtype=jnp.float32,
                param_dtype=jnp.float32):
@@ -180,6 +236,7 @@ class LandmarkAttention(nnx.Module):
       raise ValueError(f"{owner}: positions must be one of {LANDMARK_POSITION_MODES}, got "
                        f"{positions!r}")
     self.retrieved_positions = positions
+    self.cache_memory = check_cache_memory(owner, "cache_memory", cache_memory)
     self.rope_base = checks.positive_float(owner, "rope_base", rope_base)
     if not isinstance(rope_scaling, RopeScaling):
       raise TypeError(f"{owner}: rope_scaling must be a RopeScaling, got "
@@ -196,12 +253,18 @@ class LandmarkAttention(nnx.Module):
     add_attention_projections(self, d_model, num_heads, num_kv_heads, head_dim, qk_norm=qk_norm,
                               rngs=rngs, param_dtype=param_dtype)
 
-  def init_cache(self, batch_size: int, max_length: int, dtype=None) -> LandmarkCache:
-    """An empty cache for positions ``[0, max_length)`` (rounded up to whole blocks)."""
-    max_length = checks.positive_int("LandmarkAttention.init_cache", "max_length", max_length)
+  def init_cache(self, batch_size: int, max_length: int, dtype=None,
+                 memory: str | None = None) -> LandmarkCache:
+    """An empty cache for positions ``[0, max_length)`` (rounded up to whole blocks), its keys
+    and values in ``memory`` (default: the layer's ``cache_memory``)."""
+    owner = "LandmarkAttention.init_cache"
+    max_length = checks.positive_int(owner, "max_length", max_length)
+    if memory is not None:
+      check_cache_memory(owner, "memory", memory)
     return LandmarkCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim,
                                 self.dtype if dtype is None else dtype,
-                                block_size=self.block_size)
+                                block_size=self.block_size,
+                                memory=self.cache_memory if memory is None else memory)
 
   def __call__(self, x_BTD, *, positions=None, segment_ids=None,
                cache: LandmarkCache | None = None):
@@ -353,13 +416,14 @@ class LandmarkAttention(nnx.Module):
     rows = jnp.arange(b)[:, None]
     block = jnp.clip(positions // (self.block_size + 1), 0, cache.num_blocks - 1)
     key_pos, key_seg = cache.positions[rows, block], cache.segment_ids[rows, block]  # [B, t, S]
-    keys = self._rope(cache.keys[rows, block], key_pos)  # [B, t, S, Hkv, D]
+    keys, values = cache.gather((rows, block))  # [B, t, S, Hkv, D]
+    keys = self._rope(keys, key_pos)
     logits = jnp.einsum("btkgd,btskd->btkgs",
                         q.reshape(b, t, self.num_kv_heads, g, d).astype(jnp.float32),
                         keys.astype(jnp.float32)) * d ** -0.5
     visible = (key_pos <= positions[:, :, None]) & (key_seg == segment_ids[:, :, None])
     out, lse = _softmax_partial(logits, visible[:, :, None, None, :])
-    out = jnp.einsum("btkgs,btskd->btkgd", out, cache.values[rows, block].astype(jnp.float32))
+    out = jnp.einsum("btkgs,btskd->btkgd", out, values.astype(jnp.float32))
     return out.reshape(b, t, hq, -1), lse.reshape(b, t, hq).transpose(0, 2, 1)
 
   def _retrieved(self, q, blocks, positions, segment_ids, cache):
@@ -371,7 +435,7 @@ class LandmarkAttention(nnx.Module):
     taken = blocks >= 0
     index = (jnp.arange(b)[:, None, None, None], jnp.maximum(blocks, 0), slice(None),
              (jnp.arange(hq) // (hq // self.num_kv_heads))[None, None, :, None])
-    keys, values = cache.keys[index], cache.values[index]  # [B, t, Hq, k, S, D]
+    keys, values = cache.gather(index)  # [B, t, Hq, k, S, D]
     stored_pos = cache.positions[index[:2]]  # [B, t, Hq, k, S]
     written = (stored_pos != EMPTY_POSITION) & (
         cache.segment_ids[index[:2]] == segment_ids[:, :, None, None, None])

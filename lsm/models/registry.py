@@ -94,6 +94,7 @@ def _landmark(config, rngs):
   return layers.LandmarkAttention(
       config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim,
       block_size=landmark.block_size, top_k=landmark.top_k, positions=landmark.positions,
+      cache_memory=landmark.cache_memory,
       rope_base=rope.base,
       rope_scaling=layers.RopeScaling(kind=rope.scaling, factor=rope.factor,
                                       original_length=rope.original_length),

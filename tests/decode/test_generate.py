@@ -82,6 +82,17 @@ def test_landmark_models_decode_with_landmarks_inserted():
   assert together == [generate(model, [p], max_new_tokens=5).tokens[0] for p in prompts]
 
 
+def test_landmark_blocks_in_host_memory_generate_the_same_tokens():
+  """``model.landmark.cache_memory=host`` through generate (jitted prefill and steps, donated
+  cache): with top-2 retrieval over more blocks than that, the tokens equal the device cache's."""
+  prompts = [list(np.random.default_rng(6).integers(0, VOCAB - 1, n)) for n in (14, 5)]
+  outputs = {}
+  for memory in ("device", "host"):
+    model = _model(*LANDMARK, "model.landmark.top_k=2", f"model.landmark.cache_memory={memory}")
+    outputs[memory] = generate(model, prompts, max_new_tokens=6, prefill_chunk=4).tokens
+  assert outputs["host"] == outputs["device"]
+
+
 def test_landmark_prompts_may_not_hold_the_landmark_token():
   with pytest.raises(ValueError, match=r"prompts\[0\] has token ids outside \[0, 29\)"):
     generate(_model(*LANDMARK), [[1, 2, VOCAB - 1]], max_new_tokens=2)

@@ -110,16 +110,76 @@ def test_retrieving_every_block_equals_training_mode():
   assert_close(inference, training, what="top_k = all vs training")
 
 
-def _decode(layer, x, positions, segments, prefill=1):
+def _decode(layer, x, positions, segments, prefill=1, memory=None, on_step=None):
   """A prefill of ``prefill`` tokens, then one token at a time."""
-  cache = layer.init_cache(x.shape[0], T)
+  cache = layer.init_cache(x.shape[0], T, memory=memory)
   outputs = []
   edges = [0, *range(prefill, T + 1)]
   for start, stop in zip(edges[:-1], edges[1:]):
     y, cache = _cached(layer, x[:, start:stop], positions[:, start:stop],
                        segments[:, start:stop], cache)
     outputs.append(y)
+    if on_step is not None:
+      on_step(cache)
   return jnp.concatenate(outputs, 1)
+
+
+def _memory_kind(x):
+  return x.sharding.memory_kind
+
+
+def test_host_memory_cache_decodes_like_the_device_cache():
+  """Keys and values in pinned host memory (written and gathered on the host): the same outputs
+  as the device cache, and after every step they are still in host memory while the landmark
+  keys, positions and ids stay on the device."""
+  layer = _layer(top_k=2, positions="renumbered")
+  positions, segments = _packed([T], [10, 13])
+  x = _x(5)
+
+  def placed(cache):
+    assert cache.memory == "host"
+    assert (_memory_kind(cache.keys), _memory_kind(cache.values)) == ("pinned_host",) * 2
+    assert {_memory_kind(a) for a in (cache.landmarks, cache.positions, cache.segment_ids)} == {
+        "device"}
+
+  on_host = _decode(layer, x, positions, segments, prefill=9, memory="host", on_step=placed)
+  on_device = _decode(layer, x, positions, segments, prefill=9)
+  assert_close(on_host, on_device, what="host-memory cache vs device cache")
+  # The jitted step really runs the cache's keys and values through host computations.
+  cache = layer.init_cache(2, T, memory="host")
+  hlo = _cached.lower(layer, x[:, :4], positions[:, :4], segments[:, :4], cache).as_text()
+  assert "pinned_host" in hlo and "_xla_compute_type" in hlo
+  device = layer.init_cache(2, T)
+  hlo = _cached.lower(layer, x[:, :4], positions[:, :4], segments[:, :4], device).as_text()
+  assert "pinned_host" not in hlo and "_xla_compute_type" not in hlo
+
+
+def test_cache_memory_comes_from_the_layer_and_the_config():
+  config = ModelConfig(d_model=D_MODEL, num_heads=HEADS, num_kv_heads=KV_HEADS,
+                       head_dim=HEAD_DIM, layer_pattern=["landmark"],
+                       landmark=dict(block_size=5, top_k=3, cache_memory="host"))
+  mixer = make_mixer("landmark", config, nnx.Rngs(0))
+  cache = mixer.init_cache(1, 12)
+  assert (cache.memory, _memory_kind(cache.keys)) == ("host", "pinned_host")
+  cache = mixer.init_cache(1, 12, memory="device")
+  assert (cache.memory, _memory_kind(cache.keys)) == ("device", "device")
+  # Created under jit (as generate does) the placement holds too.
+  cache = nnx.jit(lambda m: m.init_cache(1, 12))(mixer)
+  assert _memory_kind(cache.keys) == "pinned_host"
+
+
+def test_host_memory_needs_a_backend_that_has_it(monkeypatch):
+  class Memory:
+    kind = "device"
+
+  class Device:
+    def addressable_memories(self):
+      return [Memory()]
+
+  monkeypatch.setattr(jax, "devices", lambda *a: [Device()])
+  with pytest.raises(ValueError, match=r"cache_memory='host' needs a backend with a "
+                                       r"'pinned_host' memory kind; .* offers \['device'\]"):
+    _layer(cache_memory="host")
 
 
 def test_prefill_then_decode_equals_one_forward_with_top_k():
@@ -240,6 +300,8 @@ def test_registry_builds_the_mixer_from_the_config():
     (dict(head_dim=7), ValueError, "head_dim must be even"),
     (dict(query_chunk=0), ValueError, "query_chunk must be a positive int, got 0"),
     (dict(num_kv_heads=3), ValueError, "multiple of num_kv_heads"),
+    (dict(cache_memory="disk"), ValueError,
+     r"cache_memory must be one of \('device', 'host'\), got 'disk'"),
 ])
 def test_constructor_errors(kwargs, error, message):
   args = dict(d_model=D_MODEL, num_heads=HEADS, num_kv_heads=KV_HEADS, head_dim=HEAD_DIM,
@@ -272,3 +334,7 @@ def test_call_errors():
     top_k(x, positions=positions + 3)
   with pytest.raises(ValueError, match="block_size must be a positive int"):
     LandmarkCache.create(1, 8, 2, 8, block_size=0)
+  with pytest.raises(ValueError, match="LandmarkCache: memory must be one of"):
+    LandmarkCache.create(1, 8, 2, 8, block_size=3, memory="pinned_host")
+  with pytest.raises(ValueError, match="init_cache: memory must be one of"):
+    layer.init_cache(1, 8, memory="gpu")
