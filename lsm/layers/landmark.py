@@ -203,7 +203,7 @@ class LandmarkAttention(nnx.Module):
       T positions, so every row must then hold one document at positions in ``[0, T)``.
     positions: "renumbered" or "stored": where retrieved blocks are rotated.
     cache_memory: "device" or "host": where `init_cache` keeps the blocks' keys and values.
-    implementation: of the training kernel, "reference" or "xla" (None: "xla").
+    implementation: of the training kernel, "reference", "xla" or "pallas" (None: "xla").
     query_chunk: queries processed at once (training kernel and cached calls), so memory grows
       linearly with the tokens of a call.
     rngs: parameter initialisation.

@@ -87,6 +87,8 @@ def _attention(config, rngs):
 def _landmark(config, rngs):
   att, rope, landmark = config.attention, config.rope, config.landmark
   implementation = att.implementation
+  if implementation in ("pallas_tpu", "pallas_gpu"):
+    implementation = "pallas"  # one landmark kernel serves both backends
   if implementation not in (None, *LANDMARK_IMPLEMENTATIONS):
     log_once(f"landmark mixer: model.attention.implementation={implementation!r} has no landmark "
              f"kernel; using 'xla'")

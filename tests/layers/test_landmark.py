@@ -290,6 +290,18 @@ def test_registry_builds_the_mixer_from_the_config():
   mixer = make_mixer("landmark", config, nnx.Rngs(0))
   assert isinstance(mixer, LandmarkAttention)
   assert (mixer.block_size, mixer.top_k, mixer.retrieved_positions) == (5, 3, "stored")
+  for kernel in ("pallas_gpu", "pallas_tpu"):  # one landmark kernel for both backends
+    config = config.model_copy(update=dict(attention=config.attention.model_copy(
+        update=dict(implementation=kernel))))
+    assert make_mixer("landmark", config, nnx.Rngs(0)).implementation == "pallas"
+
+
+def test_pallas_training_mode_equals_xla():
+  """The layer with the Pallas kernel (interpreted here) on one document per row: aligned."""
+  positions, segments = _packed([T], [T])
+  x = _x(8)
+  assert_close(_forward(_layer(implementation="pallas"), x, positions, segments),
+               _forward(_layer(), x, positions, segments), what="pallas vs xla")
 
 
 @pytest.mark.parametrize("kwargs, error, message", [

@@ -31,7 +31,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-LANDMARK_IMPLEMENTATIONS = ("reference", "xla")
+from lsm.kernels.attention.landmark_pallas import landmark_pallas, tiles_in_order
+from lsm.kernels.attention.pallas_common import is_concrete
+from lsm.log import log_once
+
+LANDMARK_IMPLEMENTATIONS = ("reference", "xla", "pallas")
+_PALLAS_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def is_landmark(positions, block_size: int):
@@ -55,9 +60,14 @@ def landmark_attention(q, k, v, *, block_size: int, positions=None, segment_ids=
       says whether block n of query i's segment takes part for head h; entries of blocks
       ``n >= block(i)`` are ignored, and blocks ``n >= NB`` count as not retrieved.
     implementation: "reference" (dense [T, T] scores, the grouped softmax literally; the
-      definition) or "xla" (queries in chunks of ``query_chunk`` under `jax.checkpoint`:
-      memory linear in T, forward and backward).
-    query_chunk: queries per chunk of the "xla" path.
+      definition), "xla" (queries in chunks of ``query_chunk`` under `jax.checkpoint`:
+      memory linear in T, forward and backward) or "pallas" (the kernels of
+      `landmark_pallas`, interpreted on CPU; float32, bfloat16 or float16 only). The kernels
+      take block-aligned layouts (`is_block_aligned`) whose tiles of each segment are in block
+      order (`tiles_in_order`); any other layout runs the "xla" path (logged once). The choice
+      is made at trace time when positions and segment ids are concrete, else on device per
+      call (`lax.cond`).
+    query_chunk: queries per chunk of the "xla" path (and of "pallas" on other layouts).
 
   Returns out [B, T, Hq, Dv] in q's dtype; accumulation in float32 (float64 for float64).
   """
@@ -67,6 +77,10 @@ def landmark_attention(q, k, v, *, block_size: int, positions=None, segment_ids=
   if implementation not in LANDMARK_IMPLEMENTATIONS:
     raise ValueError(f"landmark_attention: implementation must be one of "
                      f"{LANDMARK_IMPLEMENTATIONS}, got {implementation!r}")
+  if implementation == "pallas" and jnp.dtype(q.dtype) not in _PALLAS_DTYPES:
+    raise TypeError(f"landmark_attention: implementation='pallas' takes q, k, v in float32, "
+                    f"bfloat16 or float16 (the kernels compute in float32), got {q.dtype}; use "
+                    f"'xla' or 'reference'")
   positions = _token_array(positions, "positions", b, t)
   segment_ids = _token_array(segment_ids, "segment_ids", b, t)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None \
@@ -91,6 +105,9 @@ def landmark_attention(q, k, v, *, block_size: int, positions=None, segment_ids=
     retrieved = jnp.asarray(retrieved)
   if implementation == "reference":
     return _reference(q, k, v, positions, segment_ids, retrieved, block_size, float(scale))
+  if implementation == "pallas":
+    return _pallas(q, k, v, positions, segment_ids, retrieved, block_size, float(scale),
+                   min(query_chunk, t))
   return _xla(q, k, v, positions, segment_ids, retrieved, block_size, float(scale),
               min(query_chunk, t))
 
@@ -270,6 +287,30 @@ def _xla(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
   return lax.cond(is_block_aligned(positions, segment_ids, block_size),
                   lambda *a: _xla_aligned(*a, block_size, scale, chunk),
                   lambda *a: _xla_general(*a, block_size, scale, chunk), *args)
+
+
+def _pallas(q, k, v, positions, segment_ids, retrieved, block_size, scale, chunk):
+  """The Pallas kernels where the layout suits them, `_xla_general` elsewhere."""
+  args = (q, k, v, positions, segment_ids, retrieved)
+  suits = is_block_aligned(positions, segment_ids, block_size) & tiles_in_order(
+      positions, segment_ids, block_size)
+
+  def kernels(*a):
+    return landmark_pallas(*a, block_size, scale)
+
+  def general(*a):
+    return _xla_general(*a, block_size, scale, chunk)
+
+  if is_concrete(positions, segment_ids):
+    if bool(suits):
+      return kernels(*args)
+    log_once("landmark_attention: implementation='pallas' runs block-aligned layouts with the "
+             "tiles of each segment in block order; this layout is not, so the XLA path runs it")
+    return general(*args)
+  log_once("landmark_attention: implementation='pallas' with traced positions or segment ids "
+           "checks the layout on device per call: block-aligned layouts with tiles in order run "
+           "the kernels, any other the XLA path")
+  return lax.cond(suits, kernels, general, *args)
 
 
 def _in_query_chunks(chunk_out, q, positions, segment_ids, retrieved, chunk, dv):
