@@ -81,6 +81,23 @@ class LandmarkConfig(_Section):
   cache_memory: Literal["device", "host"] = "device"  # where decode caches keep keys/values
 
 
+class SparseConfig(_Section):
+  """Static sparse attention (``sparse_attention`` in ``model.layer_pattern``; docs/sparse.md).
+  Each pattern reads only its own fields."""
+  pattern: Literal["sink_window", "lambda", "bigbird", "strided"] = "sink_window"
+  window: int = Field(256, gt=0)  # sink_window, lambda: keys at positions p - window .. p
+  sink_tokens: int = Field(4, ge=0)  # sink_window: first positions every query sees
+  global_tokens: int = Field(4, ge=0)  # lambda: first positions every query sees
+  distance_cap: int | None = Field(None, gt=0)  # lambda: None = window
+  block: int = Field(64, gt=0)  # bigbird, strided: positions per layout block
+  local_blocks: int = Field(3, gt=0)  # bigbird, strided: own block and the ones before it
+  global_blocks: int = Field(1, ge=0)  # bigbird
+  random_blocks: int = Field(2, ge=0)  # bigbird: per query block
+  stride: int = Field(4, gt=0)  # strided: every stride-th block back
+  seed: int = Field(0, ge=0)  # bigbird: of the random blocks
+  max_length: int = Field(4096, gt=0)  # bigbird, strided: positions the layout covers
+
+
 class RecurrentMemoryConfig(_Section):
   """Recurrent memory (RMT): ``slots > 0`` wraps the layer pattern; each segment of
   ``segment_length`` tokens is read as [memory | segment | memory]."""
@@ -104,6 +121,7 @@ class ModelConfig(_Section):
   attention: AttentionConfig = AttentionConfig()
   ssm: SSMConfig = SSMConfig()
   landmark: LandmarkConfig = LandmarkConfig()
+  sparse: SparseConfig = SparseConfig()
   recurrent_memory: RecurrentMemoryConfig = RecurrentMemoryConfig()
   dtype: Literal["float32", "bfloat16"] = "float32"  # compute
   param_dtype: Literal["float32", "bfloat16"] = "float32"
@@ -274,6 +292,11 @@ class Config(_Section):
                          f"model.num_heads={heads[0]} and model.num_kv_heads={heads[1]} "
                          f"divisible by parallel.sequence x parallel.tensor = "
                          f"{self.parallel.sequence * self.parallel.tensor}")
+    sparse = self.model.sparse
+    if ("sparse_attention" in self.model.layer_pattern and sparse.pattern in ("bigbird", "strided")
+        and self.data.seq_len > sparse.max_length):
+      raise ValueError(f"data.seq_len={self.data.seq_len} must be <= model.sparse.max_length="
+                       f"{sparse.max_length}, the positions the {sparse.pattern} layout covers")
     if self.data.batch_size % self.train.grad_accum:
       raise ValueError(f"data.batch_size={self.data.batch_size} must be divisible by "
                        f"train.grad_accum={self.train.grad_accum}")

@@ -11,9 +11,11 @@ from lsm.layers.norms import RMSNorm
 from lsm.layers.params import LOGICAL_AXES, logical_param
 from lsm.layers.rope import ROPE_SCALING_KINDS, RopeScaling, apply_rope, rope_frequencies
 from lsm.layers.s4 import S4, S4D, S4Cache
+from lsm.layers.sparse import SparseAttention
 
 __all__ = ["Attention", "BlockMemoryKVCache", "BlockMemoryPolicy", "DenseKVCache",
            "EMPTY_POSITION", "Embed", "GatedRMSNorm", "LANDMARK_POSITION_MODES", "LOGICAL_AXES",
            "LandmarkAttention", "LandmarkCache", "Mamba", "Mamba2", "ROPE_SCALING_KINDS",
            "RMSNorm", "RingKVCache", "RopeScaling", "S4", "S4Cache", "S4D",
-           "SSMCache", "SwiGLU", "apply_rope", "logical_param", "rope_frequencies"]
+           "SSMCache", "SparseAttention", "SwiGLU", "apply_rope", "logical_param",
+           "rope_frequencies"]

@@ -136,31 +136,15 @@ class Attention(nnx.Module):
     cache: from `init_cache`; x then holds the next t >= 1 tokens (a prefill chunk or one
       decoding step), and the call returns ``(y, cache)``.
     """
-    checks.float_array("Attention", "x", x_BTD, rank=3, last_dim=self.d_model)
+    positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
     b, t, _ = x_BTD.shape
-    positions = checks.token_array("Attention", "positions", positions, b, t)
-    segment_ids = checks.token_array("Attention", "segment_ids", segment_ids, b, t)
-    if cache is not None:
-      self._check_cache(cache, b)
-      if positions is None:
-        raise ValueError("Attention: positions are required with a cache (the positions of the "
-                         "t new tokens), got None")
-      if segment_ids is None:
-        segment_ids = np.zeros((b, t), np.int32)
-
     shards = self._shards()
     if positions is None and cache is None and shards > 1:
       # Tokens sharded over the sequence axis are in the layout's order.
       positions = np.broadcast_to(permutation(t, shards, self.context_parallel.layout), (b, t))
     rope_positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
-    x_BTD = x_BTD.astype(self.dtype)
-    q_BTHK, k_BTGK, v_BTGK = (
-        jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(self.dtype))
-        for w in (self.query, self.key, self.value))
-    if self.query_norm is not None:
-      q_BTHK, k_BTGK = self.query_norm(q_BTHK), self.key_norm(k_BTGK)
-    q_BTHK, k_BTGK = (apply_rope(z, rope_positions, base=self.rope_base,
-                                 scaling=self.rope_scaling) for z in (q_BTHK, k_BTGK))
+    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
+    q_BTHK, k_BTGK = (self._rope(z, rope_positions) for z in (q_BTHK, k_BTGK))
 
     common = dict(mask=self.mask, logits_soft_cap=self.logits_soft_cap,
                   implementation=self.implementation)
@@ -170,15 +154,15 @@ class Attention(nnx.Module):
                                    layout=cp.layout, q_positions=positions,
                                    kv_positions=positions, q_segment_ids=segment_ids,
                                    kv_segment_ids=segment_ids, **common)
-      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
+      return self._output(out_BTHK)
     if isinstance(cache, DenseKVCache) and shards > 1 and cache.max_length % shards == 0:
       out_BTHK, cache = sharded_cache_attention(
           q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, cache, axis=self.context_parallel.axis,
           **common)
-      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype)), cache
+      return self._output(out_BTHK), cache
     if isinstance(cache, BlockMemoryKVCache):
       out_BTHK, cache = cache.attend(q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, **common)
-      return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype)), cache
+      return self._output(out_BTHK), cache
     if cache is None:
       kv_positions, kv_segment_ids = positions, segment_ids
     else:
@@ -189,8 +173,41 @@ class Attention(nnx.Module):
                          kv_positions=kv_positions, q_segment_ids=segment_ids,
                          kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
                          implementation=self.implementation)
-    y_BTD = jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
+    y_BTD = self._output(out_BTHK)
     return y_BTD if cache is None else (y_BTD, cache)
+
+  def _check_call(self, x_BTD, positions, segment_ids, cache):
+    """Checks a call's arguments (errors name the class); returns positions and segment ids as
+    [B, T] int32 or None (with a cache: positions required, segment ids default to 0)."""
+    owner = type(self).__name__
+    checks.float_array(owner, "x", x_BTD, rank=3, last_dim=self.d_model)
+    b, t, _ = x_BTD.shape
+    positions = checks.token_array(owner, "positions", positions, b, t)
+    segment_ids = checks.token_array(owner, "segment_ids", segment_ids, b, t)
+    if cache is not None:
+      self._check_cache(cache, b)
+      if positions is None:
+        raise ValueError(f"{owner}: positions are required with a cache (the positions of the "
+                         f"t new tokens), got None")
+      if segment_ids is None:
+        segment_ids = np.zeros((b, t), np.int32)
+    return positions, segment_ids
+
+  def _project(self, x_BTD):
+    """q [B,T,H,K], k and v [B,T,G,K] in the compute dtype; q and k normed, not yet rotated."""
+    x_BTD = x_BTD.astype(self.dtype)
+    q_BTHK, k_BTGK, v_BTGK = (
+        jnp.einsum("btd,dhk->bthk", x_BTD, w[...].astype(self.dtype))
+        for w in (self.query, self.key, self.value))
+    if self.query_norm is not None:
+      q_BTHK, k_BTGK = self.query_norm(q_BTHK), self.key_norm(k_BTGK)
+    return q_BTHK, k_BTGK, v_BTGK
+
+  def _rope(self, z_BTHK, positions):
+    return apply_rope(z_BTHK, positions, base=self.rope_base, scaling=self.rope_scaling)
+
+  def _output(self, out_BTHK):
+    return jnp.einsum("bthk,hkd->btd", out_BTHK, self.out[...].astype(self.dtype))
 
   def _shards(self) -> int:
     return 1 if self.context_parallel is None else self.context_parallel.shards()

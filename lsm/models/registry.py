@@ -104,6 +104,34 @@ def _landmark(config, rngs):
       param_dtype=config.param_dtype)
 
 
+def _sparse_pattern_params(sparse) -> dict:
+  """The parameters of ``model.sparse.pattern``'s function in `lsm.kernels.attention.patterns`."""
+  if sparse.pattern == "sink_window":
+    return dict(window=sparse.window, sink_tokens=sparse.sink_tokens)
+  if sparse.pattern == "lambda":
+    return dict(window=sparse.window, global_tokens=sparse.global_tokens,
+                distance_cap=sparse.distance_cap)
+  if sparse.pattern == "bigbird":
+    return dict(block=sparse.block, num_local_blocks=sparse.local_blocks,
+                num_global_blocks=sparse.global_blocks, num_random_blocks=sparse.random_blocks,
+                seed=sparse.seed, max_length=sparse.max_length)
+  return dict(block=sparse.block, local_blocks=sparse.local_blocks, stride=sparse.stride,
+              max_length=sparse.max_length)
+
+
+@register_mixer("sparse_attention")
+def _sparse_attention(config, rngs):
+  att, rope = config.attention, config.rope
+  return layers.SparseAttention(
+      config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim,
+      pattern=config.sparse.pattern, rope_base=rope.base,
+      rope_scaling=layers.RopeScaling(kind=rope.scaling, factor=rope.factor,
+                                      original_length=rope.original_length),
+      logits_soft_cap=att.logits_soft_cap, implementation=att.implementation,
+      qk_norm=att.qk_norm, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype,
+      **_sparse_pattern_params(config.sparse))
+
+
 def _ssm_common(config, rngs):
   ssm = config.ssm
   return dict(dt_min=ssm.dt_min, dt_max=ssm.dt_max, rngs=rngs, dtype=config.dtype,

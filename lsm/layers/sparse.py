@@ -1,0 +1,124 @@
+"""Static sparse-attention mixer: the `Attention` mixer with a pattern of
+`lsm.kernels.attention.patterns` as its mask.
+
+Training and prefill call the attention op with the pattern's `Mask`, so the blockwise path
+visits only the key blocks the pattern allows and packed documents work through segment ids.
+Decoding evaluates the same mask on the cached positions: ``sink_window`` and ``lambda`` keep a
+ring cache of ``sink_tokens + window`` slots (all they can ever see), ``bigbird`` and ``strided``
+a dense cache.
+
+``lambda`` (LM-Infinite) adds a distance cap: a query at position ``p`` sees the global tokens
+(positions ``< global_tokens``) rotated as if it sat at ``min(p, distance_cap)``, so its distance
+to them never exceeds ``distance_cap``. That takes two op calls merged by their lse: the window
+part, with the global tokens moved out of every window, and the global part, with every other
+key moved after every query.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from lsm.kernels.attention import Mask, attention, merge
+from lsm.kernels.attention.patterns import PATTERNS, pattern_mask
+from lsm.layers import checks
+from lsm.layers.attention import Attention, KVCache
+from lsm.layers.kv_cache import EMPTY_POSITION
+from lsm.layers.rope import RopeScaling
+
+# Before every real position: outside every window, so the window part never sees the key.
+_FAR_PAST = -EMPTY_POSITION
+
+
+class SparseAttention(Attention):
+  """Causal self-attention restricted to a static sparse pattern (GQA, RoPE, qk-norm as in
+  `Attention`).
+
+  Args:
+    d_model, num_heads, num_kv_heads, head_dim: as `Attention`.
+    pattern: ``"sink_window"``, ``"lambda"``, ``"bigbird"`` or ``"strided"``.
+    distance_cap: ``"lambda"`` only: the farthest a query sees the global tokens (default: the
+      window).
+    **pattern_params: the parameters of the pattern's function in
+      `lsm.kernels.attention.patterns` — ``window, sink_tokens`` (sink_window); ``window,
+      global_tokens`` (lambda); ``block, num_local_blocks, num_global_blocks, num_random_blocks,
+      max_length[, seed]`` (bigbird); ``block, local_blocks, stride, max_length`` (strided).
+      The block patterns cover positions ``< max_length``.
+    rope_base, rope_scaling, logits_soft_cap, implementation, qk_norm, rngs, dtype, param_dtype:
+      as `Attention`.
+  """
+
+  def __init__(self, d_model: int, num_heads: int, num_kv_heads: int, head_dim: int | None = None,
+               *, pattern: str, distance_cap: int | None = None, rope_base: float = 10000.0,
+               rope_scaling: RopeScaling = RopeScaling(), logits_soft_cap: float | None = None,
+               implementation: str | None = None, qk_norm: bool = False, rngs: nnx.Rngs,
+               dtype=jnp.float32, param_dtype=jnp.float32, **pattern_params):
+    if pattern not in PATTERNS:
+      raise ValueError(f"SparseAttention: pattern must be one of {tuple(PATTERNS)}, got "
+                       f"{pattern!r}")
+    try:
+      mask = pattern_mask(pattern, **pattern_params)
+    except ValueError as error:
+      raise ValueError(f"SparseAttention: {error}") from None
+    if pattern == "lambda":
+      distance_cap = checks.positive_int("SparseAttention", "distance_cap", distance_cap,
+                                         allow_none=True) or mask.window[0]
+    elif distance_cap is not None:
+      raise ValueError(f"SparseAttention: distance_cap={distance_cap!r} applies to pattern "
+                       f"'lambda' only, got pattern={pattern!r}")
+    window = None if mask.window is None else mask.window[0]
+    super().__init__(d_model, num_heads, num_kv_heads, head_dim, window=window,
+                     sink_tokens=None if window is None else mask.sink_tokens,
+                     rope_base=rope_base, rope_scaling=rope_scaling,
+                     logits_soft_cap=logits_soft_cap, implementation=implementation,
+                     qk_norm=qk_norm, rngs=rngs, dtype=dtype, param_dtype=param_dtype)
+    self.pattern = pattern
+    self.mask = mask
+    self.distance_cap = distance_cap
+    # Positions the block layout covers (None: any).
+    self.max_length = None if mask.layout is None else mask.layout.shape[0] * mask.layout_block[0]
+
+  def init_cache(self, batch_size: int, max_length: int, dtype=None, *, policy=None) -> KVCache:
+    """An empty cache: a ring buffer of ``sink_tokens + window`` slots for ``sink_window`` and
+    ``lambda``, else a dense cache of ``max_length`` slots (at most the pattern's
+    ``max_length``). ``policy`` must be None: a block-memory cache would replace the pattern."""
+    if policy is not None:
+      raise ValueError(f"SparseAttention.init_cache: policy must be None (a block-memory cache "
+                       f"would replace the {self.pattern!r} pattern), got {policy!r}")
+    max_length = checks.positive_int("SparseAttention.init_cache", "max_length", max_length)
+    if self.max_length is not None and max_length > self.max_length:
+      raise ValueError(f"SparseAttention.init_cache: max_length={max_length} exceeds the "
+                       f"{self.max_length} positions the {self.pattern!r} layout covers; build "
+                       f"the layer with a larger max_length")
+    return super().init_cache(batch_size, max_length, dtype)
+
+  def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: KVCache | None = None):
+    """As `Attention.__call__`: ``y`` for x [B, T, D], or ``(y, cache)`` with a cache."""
+    if self.pattern != "lambda":
+      return super().__call__(x_BTD, positions=positions, segment_ids=segment_ids, cache=cache)
+    positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
+    b, t, _ = x_BTD.shape
+    if positions is None:  # numpy, so the op plans its block visits at trace time
+      positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    xp = np if isinstance(positions, np.ndarray) else jnp
+    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
+    q_far_BTHK = self._rope(q_BTHK, xp.minimum(positions, self.distance_cap))
+    q_BTHK, k_BTGK = (self._rope(z, positions) for z in (q_BTHK, k_BTGK))
+    kv_positions, kv_segment_ids = positions, segment_ids
+    if cache is not None:
+      (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
+          k_BTGK, v_BTGK, positions, segment_ids)
+      k_BTGK, v_BTGK = k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype)
+      xp = jnp
+    is_global = kv_positions < self.sink_tokens
+    common = dict(q_positions=positions, q_segment_ids=segment_ids,
+                  kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
+                  implementation=self.implementation, return_lse=True)
+    near = attention(q_BTHK, k_BTGK, v_BTGK, mask=Mask(causal=True, window=(self.window, 0)),
+                     kv_positions=xp.where(is_global, _FAR_PAST, kv_positions), **common)
+    far = attention(q_far_BTHK, k_BTGK, v_BTGK, mask=Mask(causal=True),
+                    kv_positions=xp.where(is_global, kv_positions, EMPTY_POSITION), **common)
+    out_BTHK, _ = merge([near, far])
+    y_BTD = self._output(out_BTHK)
+    return y_BTD if cache is None else (y_BTD, cache)
