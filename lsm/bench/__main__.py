@@ -9,10 +9,10 @@ if sys.argv[1:2] == ["context"]:
   if _FLAG not in os.environ.get("XLA_FLAGS", "").split():
     os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_FLAG}".strip()
 
-from lsm.bench import attention, context, memory, scan, train  # noqa: E402
+from lsm.bench import attention, context, memory, scan, sparse, streaming, train  # noqa: E402
 
 BENCHMARKS = {"attention": attention.main, "context": context.main, "memory": memory.main,
-              "scan": scan.main, "train": train.main}
+              "scan": scan.main, "sparse": sparse.main, "streaming": streaming.main, "train": train.main}
 
 
 def main(argv: list[str]) -> int:
