@@ -242,6 +242,25 @@ class BlockMemoryConfig(_Section):
   representatives: int = Field(4, gt=0)  # keys per block that stand for it when scoring
 
 
+class SinkWindowConfig(_Section):
+  """Fixed-budget cache: the first ``sink_tokens`` and the last ``window`` tokens."""
+  sink_tokens: int = Field(4, ge=0)
+  window: int = Field(1024, gt=0)
+
+
+class HeavyHitterConfig(_Section):
+  """Fixed-budget cache: the ``budget`` tokens with the most accumulated attention (H2O)."""
+  budget: int = Field(1024, gt=0)
+  recent: int = Field(128, ge=0)  # the last tokens, always kept
+
+
+class SnapKVConfig(_Section):
+  """Fixed-budget cache: the prompt compressed by observation-window attention (SnapKV)."""
+  budget: int = Field(1024, gt=0)
+  observation_window: int = Field(32, gt=0)
+  pool_kernel: int = Field(7, gt=0)
+
+
 class DecodeConfig(_Section):
   max_new_tokens: int = Field(64, gt=0)
   temperature: float = Field(0.0, ge=0)  # 0: greedy
@@ -250,8 +269,12 @@ class DecodeConfig(_Section):
   stop_tokens: list[int] = Field(default_factory=list)
   prefill_chunk: int = Field(512, gt=0)
   max_length: int | None = Field(None, gt=0)  # cache length; None: prompt + new tokens
-  cache_policy: Literal["full", "block_memory"] = "full"  # of the attention mixers
+  # Of the attention mixers; each policy reads its own section below.
+  cache_policy: Literal["full", "block_memory", "sink_window", "heavy_hitter", "snapkv"] = "full"
   block_memory: BlockMemoryConfig = BlockMemoryConfig()
+  sink_window: SinkWindowConfig = SinkWindowConfig()
+  heavy_hitter: HeavyHitterConfig = HeavyHitterConfig()
+  snapkv: SnapKVConfig = SnapKVConfig()
 
 
 class EvalConfig(_Section):

@@ -4,7 +4,8 @@ Loads the newest checkpoint of a run and continues each prompt (text runs: the p
 synthetic runs: space-separated token ids). Overrides set ``decode.*`` (and other) config keys,
 e.g. ``decode.temperature=0.8 decode.top_p=0.9 decode.max_new_tokens=100``;
 ``decode.cache_policy=block_memory`` (with ``decode.block_memory.*``) decodes the attention
-layers with a training-free block memory.
+layers with a training-free block memory; ``sink_window``, ``heavy_hitter`` and ``snapkv`` (with
+``decode.<policy>.*``) with a fixed-budget cache (docs/sparse.md).
 """
 
 from __future__ import annotations

@@ -29,7 +29,8 @@ from flax import nnx
 
 from lsm.config import ConfigError
 from lsm.decode.sampling import check_sampling, sample
-from lsm.layers import BlockMemoryPolicy, LandmarkAttention
+from lsm.layers import (CACHE_POLICIES, BlockMemoryPolicy, HeavyHitterPolicy, LandmarkAttention,
+                        SinkWindowPolicy, SnapKVPolicy)
 
 
 @dataclasses.dataclass
@@ -107,28 +108,35 @@ def _pick(logits, key, forced, has_forced, sampling, banned):
                                               top_p=top_p))
 
 
-def cache_policy_of(decode_config) -> BlockMemoryPolicy | None:
-  """The attention cache policy a `DecodeConfig` asks for (``decode.cache_policy``, with
-  ``decode.block_memory``): None for "full"."""
-  if decode_config.cache_policy == "full":
+_POLICY_CLASSES = {"block_memory": BlockMemoryPolicy, "sink_window": SinkWindowPolicy,
+                   "heavy_hitter": HeavyHitterPolicy, "snapkv": SnapKVPolicy}
+
+
+def cache_policy_of(decode_config):
+  """The attention cache policy a `DecodeConfig` asks for (``decode.cache_policy``, with its
+  section ``decode.<cache_policy>``): None for "full"."""
+  name = decode_config.cache_policy
+  if name == "full":
     return None
   try:
-    return BlockMemoryPolicy(**decode_config.block_memory.model_dump())
+    return _POLICY_CLASSES[name](**getattr(decode_config, name).model_dump())
   except ValueError as error:
-    raise ConfigError(f"decode.block_memory: {error}") from None
+    raise ConfigError(f"decode.{name}: {error}") from None
 
 
 def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: float = 0.0,
              top_k: int | None = None, top_p: float | None = None, stop_tokens=(),
              prefill_chunk: int = 512, max_length: int | None = None, seed: int = 0,
-             cache_dtype=jnp.float32, cache_policy: BlockMemoryPolicy | None = None) -> Generation:
+             cache_dtype=jnp.float32, cache_policy=None) -> Generation:
   """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token).
-  ``cache_policy``: None (each mixer's own cache) or a `BlockMemoryPolicy` for the attention
-  mixers. Landmark models get their landmark tokens inserted (module docstring)."""
+  ``cache_policy``: None (each mixer's own cache) or one of `lsm.layers.CACHE_POLICIES` for the
+  attention mixers (block memory, sink + window, heavy hitters, SnapKV; with SnapKV the prompt
+  it compresses is the first prefill chunk, so give ``prefill_chunk`` >= the prompt length). Landmark models get their landmark tokens inserted (module docstring)."""
   landmarks = landmark_layout(model)
   prompts = _check_prompts(prompts, model.vocab_size - (landmarks is not None))
-  if cache_policy is not None and not isinstance(cache_policy, BlockMemoryPolicy):
-    raise TypeError(f"generate: cache_policy must be a BlockMemoryPolicy or None, got "
+  if cache_policy is not None and not isinstance(cache_policy, CACHE_POLICIES):
+    names = ", ".join(p.__name__ for p in CACHE_POLICIES)
+    raise TypeError(f"generate: cache_policy must be one of {names} or None, got "
                     f"{type(cache_policy).__name__}")
   if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or (
       max_new_tokens < 1):

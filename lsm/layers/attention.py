@@ -1,5 +1,5 @@
-"""Causal self-attention mixer: GQA, RoPE, sliding window with sink tokens; a dense, ring or
-block-memory cache.
+"""Causal self-attention mixer: GQA, RoPE, sliding window with sink tokens; a dense, ring,
+block-memory or fixed-budget (`lsm.layers.kv_policies`) cache.
 
 Follows the mixer contract of DESIGN.md::
 
@@ -18,13 +18,15 @@ from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
 from lsm.layers import checks
 from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.kv_cache import DenseKVCache, RingKVCache
+from lsm.layers.kv_policies import BUDGET_POLICIES, ScoredKVCache, SinkWindowPolicy
 from lsm.layers.projections import add_attention_projections
 from lsm.layers.rope import RopeScaling, apply_rope
 from lsm.parallel.context import ContextParallel, context_attention
 from lsm.parallel.decode import shard_cache, sharded_cache_attention
 from lsm.parallel.layout import permutation
 
-KVCache = DenseKVCache | RingKVCache | BlockMemoryKVCache
+KVCache = DenseKVCache | RingKVCache | BlockMemoryKVCache | ScoredKVCache
+CACHE_POLICIES = (BlockMemoryPolicy, *BUDGET_POLICIES)
 
 
 class Attention(nnx.Module):
@@ -102,21 +104,29 @@ class Attention(nnx.Module):
                               rngs=rngs, param_dtype=param_dtype)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=None, *,
-                 policy: BlockMemoryPolicy | None = None) -> KVCache:
+                 policy=None) -> KVCache:
     """An empty cache: a ring buffer of ``sink_tokens + window`` slots when the layer has a
     window (``max_length`` then bounds nothing), else a dense cache of ``max_length`` slots, or
-    with a ``policy`` a `BlockMemoryKVCache` (the layer must then have no window: a window
-    bounds the cache already). ``dtype`` defaults to the compute dtype."""
+    with a ``policy`` (one of CACHE_POLICIES) a `BlockMemoryKVCache`, a `RingKVCache` read with
+    the policy's window (`SinkWindowPolicy`) or a `ScoredKVCache` (`HeavyHitterPolicy`,
+    `SnapKVPolicy`); the layer must then have no window (a window bounds the cache already).
+    ``dtype`` defaults to the compute dtype."""
     dtype = self.dtype if dtype is None else dtype
     max_length = checks.positive_int("Attention.init_cache", "max_length", max_length)
     if policy is not None:
-      if not isinstance(policy, BlockMemoryPolicy):
-        raise TypeError(f"Attention.init_cache: policy must be a BlockMemoryPolicy or None, got "
+      if not isinstance(policy, CACHE_POLICIES):
+        names = ", ".join(p.__name__ for p in CACHE_POLICIES)
+        raise TypeError(f"Attention.init_cache: policy must be one of {names} or None, got "
                         f"{type(policy).__name__}")
       if self.window is not None:
-        raise ValueError(f"Attention.init_cache: a block-memory policy needs a layer without a "
-                         f"window (window={self.window} bounds the cache already); give "
-                         f"policy=None")
+        raise ValueError(f"Attention.init_cache: a cache policy needs a layer without a window "
+                         f"(window={self.window} bounds the cache already); give policy=None")
+      if isinstance(policy, SinkWindowPolicy):
+        return RingKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
+                                  window=policy.window, sink_tokens=policy.sink_tokens)
+      if not isinstance(policy, BlockMemoryPolicy):
+        return ScoredKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
+                                    policy=policy)
       return BlockMemoryKVCache.create(batch_size, max_length, self.num_kv_heads, self.head_dim,
                                        dtype, policy=policy)
     if self.window is None:
@@ -146,7 +156,10 @@ class Attention(nnx.Module):
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
     q_BTHK, k_BTGK = (self._rope(z, rope_positions) for z in (q_BTHK, k_BTGK))
 
-    common = dict(mask=self.mask, logits_soft_cap=self.logits_soft_cap,
+    mask = self.mask
+    if isinstance(cache, RingKVCache) and self.window is None:  # a SinkWindowPolicy cache
+      mask = SinkWindowPolicy(sink_tokens=cache.sink_tokens, window=cache.window).mask()
+    common = dict(mask=mask, logits_soft_cap=self.logits_soft_cap,
                   implementation=self.implementation)
     if cache is None and shards > 1:
       cp = self.context_parallel
@@ -160,7 +173,7 @@ class Attention(nnx.Module):
           q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, cache, axis=self.context_parallel.axis,
           **common)
       return self._output(out_BTHK), cache
-    if isinstance(cache, BlockMemoryKVCache):
+    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache)):
       out_BTHK, cache = cache.attend(q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, **common)
       return self._output(out_BTHK), cache
     if cache is None:
@@ -169,7 +182,7 @@ class Attention(nnx.Module):
       (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
           k_BTGK, v_BTGK, positions, segment_ids)
       k_BTGK, v_BTGK = k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype)
-    out_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, mask=self.mask, q_positions=positions,
+    out_BTHK = attention(q_BTHK, k_BTGK, v_BTGK, mask=mask, q_positions=positions,
                          kv_positions=kv_positions, q_segment_ids=segment_ids,
                          kv_segment_ids=kv_segment_ids, logits_soft_cap=self.logits_soft_cap,
                          implementation=self.implementation)
@@ -213,19 +226,21 @@ class Attention(nnx.Module):
     return 1 if self.context_parallel is None else self.context_parallel.shards()
 
   def _check_cache(self, cache, batch_size: int):
-    if not isinstance(cache, (DenseKVCache, RingKVCache, BlockMemoryKVCache)):
-      raise TypeError(f"Attention: cache must be a DenseKVCache, RingKVCache or "
-                      f"BlockMemoryKVCache (from init_cache), got {type(cache).__name__}")
+    if not isinstance(cache, (DenseKVCache, RingKVCache, BlockMemoryKVCache, ScoredKVCache)):
+      raise TypeError(f"Attention: cache must be a DenseKVCache, RingKVCache, "
+                      f"BlockMemoryKVCache or ScoredKVCache (from init_cache), got "
+                      f"{type(cache).__name__}")
     keys = cache.window.keys if isinstance(cache, BlockMemoryKVCache) else cache.keys
     expected = (batch_size, self.num_kv_heads, self.head_dim)
     got = (keys.shape[0], *keys.shape[2:])
     if got != expected:
       raise ValueError(f"Attention: cache must have (batch, kv heads, head dim) = {expected} to "
                        f"match x and the layer, got {got}")
-    if isinstance(cache, BlockMemoryKVCache) and self.window is not None:
-      raise ValueError(f"Attention: a BlockMemoryKVCache needs a layer without a window, this one "
-                       f"has window={self.window}")
-    if isinstance(cache, RingKVCache) and (cache.window, cache.sink_tokens) != (
+    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache)) and self.window is not None:
+      raise ValueError(f"Attention: a {type(cache).__name__} needs a layer without a window, this "
+                       f"one has window={self.window}")
+    if isinstance(cache, RingKVCache) and self.window is not None and (
+        cache.window, cache.sink_tokens) != (
         self.window, self.sink_tokens):
       raise ValueError(f"Attention: a RingKVCache must have the layer's window={self.window} and "
                        f"sink_tokens={self.sink_tokens}, got window={cache.window} and "

@@ -215,8 +215,8 @@ class BlockMemoryKVCache:
                 self._far(q_BTHK, positions, segment_ids, **common)]
     out_BTHK, lse_BHT = merge(partials)
     local = Slots(*(x[:, self.sinks.keys.shape[1]:] for x in near.fields()))
-    received_BSG = _received(q_BTHK, local, positions, segment_ids, lse_BHT, mask, scale,
-                             logits_soft_cap)
+    received_BSG = received_attention(q_BTHK, local, positions, segment_ids, lse_BHT, mask,
+                                      scale, logits_soft_cap)
     cache = self._write(new, received_BSG)
     overflow = self.stored_blocks(cache.length) > self.num_blocks
     return jnp.where(overflow, jnp.nan, out_BTHK), cache
@@ -349,7 +349,7 @@ class BlockMemoryKVCache:
         length=length + t)
 
 
-def _received(q_BTHK, local: Slots, positions, segment_ids, lse_BHT, mask, scale, cap):
+def received_attention(q_BTHK, local: Slots, positions, segment_ids, lse_BHT, mask, scale, cap):
   """Attention weight each local key receives from the queries, summed per KV head: [B, S, G]."""
   b, t, h, d = q_BTHK.shape
   g = local.keys.shape[2]

@@ -53,7 +53,7 @@ class Block(nnx.Module):
     return x, (None if caches is None else new_caches)
 
   def init_cache(self, batch_size: int, max_length: int, dtype, policy=None):
-    """Each mixer's cache; ``policy`` (a `layers.BlockMemoryPolicy`) goes to attention only."""
+    """Each mixer's cache; ``policy`` (one of `layers.CACHE_POLICIES`) goes to attention only."""
 
     def cache(mixer):
       if policy is not None and isinstance(mixer, layers.Attention):
@@ -151,10 +151,11 @@ class LM(nnx.Module):
     return self._logits(x)
 
   def init_cache(self, batch_size: int, max_length: int, dtype=jnp.float32, policy=None):
-    """Every mixer's cache, stacked over the block repeats. ``policy``: a
-    `layers.BlockMemoryPolicy` for the attention mixers (None: their dense or ring caches)."""
-    if policy is not None and not isinstance(policy, layers.BlockMemoryPolicy):
-      raise TypeError(f"LM.init_cache: policy must be a BlockMemoryPolicy or None, got "
+    """Every mixer's cache, stacked over the block repeats. ``policy``: one of
+    `layers.CACHE_POLICIES` for the attention mixers (None: their dense or ring caches)."""
+    if policy is not None and not isinstance(policy, layers.CACHE_POLICIES):
+      names = ", ".join(p.__name__ for p in layers.CACHE_POLICIES)
+      raise TypeError(f"LM.init_cache: policy must be one of {names} or None, got "
                       f"{type(policy).__name__}")
 
     @nnx.vmap(in_axes=(0,), out_axes=0)
