@@ -143,6 +143,33 @@ def plot(result: dict, path: pathlib.Path) -> pathlib.Path:
   return path
 
 
+def markdown(result: dict) -> str:
+  m, rows = result["machine"], result["rows"]
+  rates = [r["tokens_per_s"] for r in rows]
+  resident = [r["resident_bytes"] for r in rows]
+  return "\n".join([
+      f"### {m['cpu']} ({m['cpu_cores']} cores, {m['backend']}), jax {m['jax']}",
+      "",
+      f"Command: `python -m lsm.bench streaming {' '.join(result['argv'])}`. A "
+      f"{result['model']['layers']}-layer LM (d_model {result['model']['d_model']}) decodes "
+      f"{rows[-1]['tokens']:,} tokens greedily with the {result['cache']} (window "
+      f"{result['window']}, {result['sink_tokens']} sinks), {result['chunk']:,} tokens per "
+      f"jitted call.",
+      "",
+      "| tokens decoded | cache | dense cache would hold | process resident (first → last "
+      "call) | growth after the first call | tokens/s (median, min–max) |",
+      "|---:|---:|---:|---:|---:|---:|",
+      f"| {rows[-1]['tokens']:,} | {common.fmt_bytes(result['cache_bytes'])} | "
+      f"{common.fmt_bytes(result['dense_cache_bytes_at_end'])} | "
+      f"{common.fmt_bytes(resident[0])} → {common.fmt_bytes(resident[-1])} | "
+      f"{common.fmt_bytes(result['resident_growth_after_first_call_bytes'])} | "
+      f"{sorted(rates)[len(rates) // 2]:,.0f} ({min(rates):,.0f}–{max(rates):,.0f}) |",
+      "",
+      f"Memory {'stays flat' if result['flat'] else 'does NOT stay flat'} "
+      f"(plot: `{result.get('png', 'the PNG next to the JSON')}`).",
+  ])
+
+
 def main(argv: list[str]) -> int:
   parser = argparse.ArgumentParser(prog="python -m lsm.bench streaming", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -153,6 +180,8 @@ def main(argv: list[str]) -> int:
   parser.add_argument("--layer-window", action="store_true",
                       help="a model with windowed attention layers instead of the policy")
   parser.add_argument("--out", type=pathlib.Path, default=pathlib.Path("benchmarks/results"))
+  parser.add_argument("--readme", type=pathlib.Path, default=pathlib.Path("benchmarks/README.md"),
+                      help="where the table goes (runs of at least 1M tokens only)")
   args = parser.parse_args(argv)
   for name in ("tokens", "chunk", "window"):
     if getattr(args, name) < 1:
@@ -163,6 +192,9 @@ def main(argv: list[str]) -> int:
   result = run(args)
   path = common.write_json(args.out, f"streaming-{jax.default_backend()}", result)
   png = plot(result, path.with_suffix(".png"))
+  if args.tokens >= 1_000_000:
+    result["png"] = str(png)
+    common.replace_section(args.readme, "streaming", markdown(result))
   print(f"# resident memory grew by {common.fmt_bytes(result['resident_growth_after_first_call_bytes'])}"
         f" after the first call ({'flat' if result['flat'] else 'NOT flat'}); wrote {path} "
         f"and {png}")

@@ -23,7 +23,7 @@ def test_the_scanned_decoder_equals_generate():
   assert int(position[0]) == 24 and int(token[0]) == want[-1]
 
 
-@pytest.mark.parametrize("layer_window", [True])
+@pytest.mark.parametrize("layer_window", [True, False], ids=["layer", "policy"])
 def test_quick_run_keeps_the_cache_size_and_writes_json_and_png(tmp_path, layer_window):
   argv = ["--tokens", "600", "--chunk", "200", "--window", "16", "--out", str(tmp_path)]
   assert bench.main(argv + (["--layer-window"] if layer_window else [])) == 0
