@@ -84,7 +84,7 @@ class LandmarkConfig(_Section):
 class SparseConfig(_Section):
   """Static sparse attention (``sparse_attention`` in ``model.layer_pattern``; docs/sparse.md).
   Each pattern reads only its own fields."""
-  pattern: Literal["sink_window", "lambda", "bigbird", "strided"] = "sink_window"
+  pattern: Literal["sink_window", "lambda", "bigbird", "strided", "select"] = "sink_window"
   window: int = Field(256, gt=0)  # sink_window, lambda: keys at positions p - window .. p
   sink_tokens: int = Field(4, ge=0)  # sink_window: first positions every query sees
   global_tokens: int = Field(4, ge=0)  # lambda: first positions every query sees
@@ -96,6 +96,8 @@ class SparseConfig(_Section):
   stride: int = Field(4, gt=0)  # strided: every stride-th block back
   seed: int = Field(0, ge=0)  # bigbird: of the random blocks
   max_length: int = Field(4096, gt=0)  # bigbird, strided: positions the layout covers
+  top_k: int = Field(4, ge=0)  # select: best-scoring blocks per query block (block = block size)
+  sink_blocks: int = Field(1, ge=0)  # select: first blocks always attended (+ local_blocks)
 
 
 class RecurrentMemoryConfig(_Section):

@@ -12,6 +12,15 @@ a dense cache.
 to them never exceeds ``distance_cap``. That takes two op calls merged by their lse: the window
 part, with the global tokens moved out of every window, and the global part, with every other
 key moved after every query.
+
+``select`` is content-based: query-aware block selection (`lsm.kernels.attention.select`,
+Quest-style bounds from per-block key min/max). Training and prefill select, per query block of
+``block_size`` and KV head, the ``top_k`` best earlier blocks plus ``sink_blocks`` and
+``local_blocks``; decoding keeps a dense cache and each new query selects for itself over it
+(the cache's slot blocks must be position blocks: one document per row written from position 0,
+as `lsm.decode.generate` does). With ``top_k`` covering every block it is causal attention, and
+then decoding equals the forward pass; with fewer, prefill (per query block) and decoding (per
+query) may choose differently, as in Quest.
 """
 
 from __future__ import annotations
@@ -22,10 +31,14 @@ from flax import nnx
 
 from lsm.kernels.attention import Mask, attention, merge
 from lsm.kernels.attention.patterns import PATTERNS, pattern_mask
+from lsm.kernels.attention.select import block_select_attention, block_select_decode
 from lsm.layers import checks
 from lsm.layers.attention import Attention, KVCache
 from lsm.layers.kv_cache import EMPTY_POSITION
 from lsm.layers.rope import RopeScaling
+
+SELECT_PARAMS = ("block_size", "top_k", "sink_blocks", "local_blocks")
+SPARSE_PATTERNS = (*PATTERNS, "select")
 
 # Before every real position: outside every window, so the window part never sees the key.
 _FAR_PAST = -EMPTY_POSITION
@@ -37,14 +50,15 @@ class SparseAttention(Attention):
 
   Args:
     d_model, num_heads, num_kv_heads, head_dim: as `Attention`.
-    pattern: ``"sink_window"``, ``"lambda"``, ``"bigbird"`` or ``"strided"``.
+    pattern: ``"sink_window"``, ``"lambda"``, ``"bigbird"``, ``"strided"`` or ``"select"``.
     distance_cap: ``"lambda"`` only: the farthest a query sees the global tokens (default: the
       window).
     **pattern_params: the parameters of the pattern's function in
       `lsm.kernels.attention.patterns` — ``window, sink_tokens`` (sink_window); ``window,
       global_tokens`` (lambda); ``block, num_local_blocks, num_global_blocks, num_random_blocks,
       max_length[, seed]`` (bigbird); ``block, local_blocks, stride, max_length`` (strided).
-      The block patterns cover positions ``< max_length``.
+      The block patterns cover positions ``< max_length``. ``select``: ``block_size, top_k[,
+      sink_blocks=1, local_blocks=1]``.
     rope_base, rope_scaling, logits_soft_cap, implementation, qk_norm, rngs, dtype, param_dtype:
       as `Attention`.
   """
@@ -54,13 +68,30 @@ class SparseAttention(Attention):
                rope_scaling: RopeScaling = RopeScaling(), logits_soft_cap: float | None = None,
                implementation: str | None = None, qk_norm: bool = False, rngs: nnx.Rngs,
                dtype=jnp.float32, param_dtype=jnp.float32, **pattern_params):
-    if pattern not in PATTERNS:
-      raise ValueError(f"SparseAttention: pattern must be one of {tuple(PATTERNS)}, got "
+    if pattern not in SPARSE_PATTERNS:
+      raise ValueError(f"SparseAttention: pattern must be one of {SPARSE_PATTERNS}, got "
                        f"{pattern!r}")
-    try:
-      mask = pattern_mask(pattern, **pattern_params)
-    except ValueError as error:
-      raise ValueError(f"SparseAttention: {error}") from None
+    self.select = None
+    if pattern == "select":
+      unknown = sorted(set(pattern_params) - set(SELECT_PARAMS))
+      if unknown:
+        raise ValueError(f"SparseAttention: {unknown[0]}={pattern_params[unknown[0]]!r} is not a "
+                         f"parameter of pattern 'select'; it takes {', '.join(SELECT_PARAMS)}")
+      for name in ("block_size", "top_k"):
+        if name not in pattern_params:
+          raise ValueError(f"SparseAttention: pattern 'select' needs {name}")
+      select = {"sink_blocks": 1, "local_blocks": 1, **pattern_params}
+      for name, low in (("block_size", 1), ("top_k", 0), ("sink_blocks", 0), ("local_blocks", 1)):
+        value = select[name]
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low:
+          raise ValueError(f"SparseAttention: {name} must be an int >= {low}, got {value!r}")
+      self.select = {k: int(v) for k, v in select.items()}
+      mask = Mask(causal=True)
+    else:
+      try:
+        mask = pattern_mask(pattern, **pattern_params)
+      except ValueError as error:
+        raise ValueError(f"SparseAttention: {error}") from None
     if pattern == "lambda":
       distance_cap = checks.positive_int("SparseAttention", "distance_cap", distance_cap,
                                          allow_none=True) or mask.window[0]
@@ -82,10 +113,10 @@ class SparseAttention(Attention):
   def init_cache(self, batch_size: int, max_length: int, dtype=None, *, policy=None) -> KVCache:
     """An empty cache: a ring buffer of ``sink_tokens + window`` slots for ``sink_window`` and
     ``lambda``, else a dense cache of ``max_length`` slots (at most the pattern's
-    ``max_length``). ``policy`` must be None: a block-memory cache would replace the pattern."""
+    ``max_length``). ``policy`` must be None: a cache policy would replace the pattern."""
     if policy is not None:
-      raise ValueError(f"SparseAttention.init_cache: policy must be None (a block-memory cache "
-                       f"would replace the {self.pattern!r} pattern), got {policy!r}")
+      raise ValueError(f"SparseAttention.init_cache: policy must be None (a cache policy would "
+                       f"replace the {self.pattern!r} pattern), got {policy!r}")
     max_length = checks.positive_int("SparseAttention.init_cache", "max_length", max_length)
     if self.max_length is not None and max_length > self.max_length:
       raise ValueError(f"SparseAttention.init_cache: max_length={max_length} exceeds the "
@@ -95,6 +126,8 @@ class SparseAttention(Attention):
 
   def __call__(self, x_BTD, *, positions=None, segment_ids=None, cache: KVCache | None = None):
     """As `Attention.__call__`: ``y`` for x [B, T, D], or ``(y, cache)`` with a cache."""
+    if self.pattern == "select":
+      return self._selected(x_BTD, positions, segment_ids, cache)
     if self.pattern != "lambda":
       return super().__call__(x_BTD, positions=positions, segment_ids=segment_ids, cache=cache)
     positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
@@ -122,3 +155,25 @@ class SparseAttention(Attention):
     out_BTHK, _ = merge([near, far])
     y_BTD = self._output(out_BTHK)
     return y_BTD if cache is None else (y_BTD, cache)
+
+  def _selected(self, x_BTD, positions, segment_ids, cache):
+    """The ``select`` pattern: block selection over the sequence, or per query over the cache."""
+    positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
+    b, t, _ = x_BTD.shape
+    if positions is None:
+      positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
+    q_BTHK, k_BTGK = (self._rope(z, positions) for z in (q_BTHK, k_BTGK))
+    common = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                  **self.select)
+    if cache is None:
+      out = block_select_attention(q_BTHK, k_BTGK, v_BTGK, positions=positions,
+                                   segment_ids=segment_ids, **common)
+      return self._output(out)
+    (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
+        k_BTGK, v_BTGK, positions, segment_ids)
+    out = block_select_decode(q_BTHK, k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype),
+                              q_positions=positions, cache_positions=kv_positions,
+                              q_segment_ids=segment_ids, cache_segment_ids=kv_segment_ids,
+                              **common)
+    return self._output(out), cache

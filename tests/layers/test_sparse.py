@@ -202,7 +202,7 @@ def test_bad_caches_and_calls_are_named():
     lam(jnp.zeros((2, 3, 8)))
 
 
-@pytest.mark.parametrize("pattern", ["lambda", "bigbird"])
+@pytest.mark.parametrize("pattern", ["lambda", "bigbird", "select"])
 def test_registry_builds_the_mixer_from_the_config(pattern):
   config = ModelConfig(d_model=D_MODEL, num_heads=4, num_kv_heads=2,
                        layer_pattern=["sparse_attention"],
@@ -214,6 +214,8 @@ def test_registry_builds_the_mixer_from_the_config(pattern):
   if pattern == "lambda":
     assert mixer.mask == patterns.lambda_shape(window=7, global_tokens=2)
     assert mixer.distance_cap == 7
+  elif pattern == "select":
+    assert mixer.select == dict(block_size=8, top_k=4, sink_blocks=1, local_blocks=2)
   else:
     assert mixer.mask == patterns.bigbird(8, 2, 1, 1, 64, seed=4)
     assert mixer.max_length == 64
@@ -226,3 +228,68 @@ def test_config_rejects_sequences_longer_than_the_layout():
   with pytest.raises(ConfigError, match=r"data.seq_len=256 must be <= model.sparse.max_length=128"):
     from_dict(dict(model=model, data=dict(seq_len=256)))
   from_dict(dict(model=model, data=dict(seq_len=128)))
+
+
+# ------------------------------------------------------------------ content-based selection
+
+
+def _select_layer(top_k, **overrides):
+  return SparseAttention(D_MODEL, num_heads=4, num_kv_heads=2, head_dim=8, rngs=nnx.Rngs(5),
+                         pattern="select", block_size=4, top_k=top_k, **overrides)
+
+
+def test_select_with_every_block_is_causal_attention_and_decodes_like_the_forward():
+  """top_k covering every block: the mixer is plain causal attention with the same weights,
+  and prefill + per-token decoding over the dense cache equals the forward."""
+  from lsm.layers import Attention  # noqa: PLC0415
+  layer = _select_layer(top_k=6)
+  plain = Attention(D_MODEL, 4, 2, 8, rngs=nnx.Rngs(5))
+  x = _x(8, T)
+  positions = np.broadcast_to(np.arange(T), (2, T))
+  segments = np.zeros((2, T), np.int32)
+  full = _forward(layer, _f32(x), jnp.asarray(positions), jnp.asarray(segments))
+  assert_close(full, _forward(plain, _f32(x), jnp.asarray(positions), jnp.asarray(segments)),
+               what="select (all blocks) vs attention")
+  got, _ = _decode(layer, x, layer.init_cache(2, 32), 9, positions=positions,
+                   segment_ids=segments)
+  assert_close(got, full, what="decoded vs forward")
+
+
+def test_select_with_few_blocks_attends_only_the_chosen_ones():
+  """top_k=1 of 6 blocks: the forward is the selection function over the layer's own q, k, v,
+  it differs from full attention, and a decode step equals `block_select_decode` for that
+  token."""
+  from lsm.kernels.attention import select  # noqa: PLC0415
+  layer = _select_layer(top_k=1)
+  x = _f32(_x(9, T))
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  segments = jnp.zeros((2, T), jnp.int32)
+  q, k, v = layer._project(x)
+  q, k = layer._rope(q, positions), layer._rope(k, positions)
+  want = layer._output(select.block_select_attention(q, k, v, block_size=4, top_k=1))
+  got = _forward(layer, x, positions, segments)
+  assert_close(got, want, what="layer vs selection function")
+  dense = _forward(_select_layer(top_k=6), x, positions, segments)
+  assert float(jnp.max(jnp.abs(got - dense))) > 1e-3
+  cache = layer.init_cache(2, 32)
+  _, cache = _cached(layer, x[:, :-1], positions[:, :-1], segments[:, :-1], cache)
+  step, _ = _cached(layer, x[:, -1:], positions[:, -1:], segments[:, -1:], cache)
+  keys = jnp.pad(k, [(0, 0), (0, 8), (0, 0), (0, 0)])
+  values = jnp.pad(v, [(0, 0), (0, 8), (0, 0), (0, 0)])
+  cache_pos = jnp.broadcast_to(jnp.where(jnp.arange(32) < T, jnp.arange(32), 2**30 - 1), (2, 32))
+  want_step = layer._output(select.block_select_decode(
+      q[:, -1:], keys, values, q_positions=positions[:, -1:], cache_positions=cache_pos,
+      block_size=4, top_k=1))
+  assert_close(step, want_step, what="decode step vs block_select_decode")
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(top_k=1), "pattern 'select' needs block_size"),
+    (dict(block_size=4), "pattern 'select' needs top_k"),
+    (dict(block_size=4, top_k=1, window=3), "window=3 is not a parameter of pattern 'select'"),
+    (dict(block_size=0, top_k=1), "block_size must be an int >= 1, got 0"),
+])
+def test_select_arguments_are_named(kwargs, match):
+  with pytest.raises(ValueError, match=match):
+    SparseAttention(D_MODEL, num_heads=4, num_kv_heads=2, head_dim=8, rngs=nnx.Rngs(0),
+                    pattern="select", **kwargs)

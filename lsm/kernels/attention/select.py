@@ -226,15 +226,18 @@ def block_select_decode(q, cache_k, cache_v, *, q_positions, cache_positions, bl
                         top_k: int, sink_blocks: int = 1, local_blocks: int = 1,
                         q_segment_ids=None, cache_segment_ids=None, scale=None,
                         logits_soft_cap=None, implementation=None, return_indices=False):
-  """t new queries q [B, t, Hq, D] (already written to the cache) over a dense KV cache
-  cache_k, cache_v [B, S, Hkv, D(v)] whose slot i holds position i (``cache_positions`` [B, S],
-  empty slots at a position past every query): the cache's blocks are scored against the
-  queries, the own block of the last query is the local one. Returns out [B, t, Hq, Dv]."""
+  """New queries q [B, t, Hq, D] (already written to the cache) over a dense KV cache
+  cache_k, cache_v [B, S, Hkv, D(v)] whose slot i holds position i (``cache_positions`` [B, S];
+  empty slots at a position past every query). Each query selects for itself (Quest's decode
+  step): the cache blocks holding positions up to the last query are scored against it, and its
+  own block (``q_position // block_size``) is the local one. Returns out [B, t, Hq, Dv] (and the
+  blocks [B, t, Hkv, K] with ``return_indices``)."""
   owner = "block_select_decode"
   _check_qkv(owner, q, cache_k, cache_v)
   block_size = _positive_int(owner, "block_size", block_size)
   b, t, hq, d = q.shape
   s = cache_k.shape[1]
+  hkv = cache_k.shape[2]
   q_positions = _token_array(owner, "q_positions", q_positions, b, t)
   cache_positions = _token_array(owner, "cache_positions", cache_positions, b, s)
   q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else _token_array(
@@ -244,20 +247,17 @@ def block_select_decode(q, cache_k, cache_v, *, q_positions, cache_positions, bl
   scale = d ** -0.5 if scale is None else scale
   valid = cache_positions <= jnp.max(q_positions, axis=1, keepdims=True)
   lo, hi = block_summaries(cache_k, block_size, valid)
-  # All t queries form one query block.
-  qg = q.astype(jnp.float32).reshape(b, 1, t, hq, d)
-  hkv = cache_k.shape[2]
-  qg = qg.reshape(b, 1, t, hkv, hq // hkv, d)
+  qg = q.astype(jnp.float32).reshape(b, t, hkv, hq // hkv, d)
   hi_f, lo_f = (jnp.where(jnp.isfinite(x), x, 0.0) for x in (hi, lo))
-  bound = (jnp.einsum("bqskgd,bnkd->bqskgn", jnp.maximum(qg, 0.0), hi_f)
-           + jnp.einsum("bqskgd,bnkd->bqskgn", jnp.minimum(qg, 0.0), lo_f))
-  scores = jnp.sum(jnp.max(bound, axis=2), axis=3)  # [B, 1, Hkv, NB]
+  bound = (jnp.einsum("btkgd,bnkd->btkgn", jnp.maximum(qg, 0.0), hi_f)
+           + jnp.einsum("btkgd,bnkd->btkgn", jnp.minimum(qg, 0.0), lo_f))
+  scores = jnp.sum(bound, axis=3)  # [B, t, Hkv, NB]: each query is its own query block
   scores = jnp.where(jnp.isfinite(hi[..., 0]).transpose(0, 2, 1)[:, None], scores, -jnp.inf)
-  own = (jnp.max(q_positions, axis=1) // block_size)[:, None]  # [B, 1]
   indices = lax.stop_gradient(select_blocks(scores, top_k, sink_blocks=sink_blocks,
-                                            local_blocks=local_blocks, query_blocks=own))
-  out = _attend_selected(q[:, None], cache_k, cache_v, q_positions[:, None], cache_positions,
-                         q_seg[:, None], kv_seg, indices, block_size, scale, logits_soft_cap,
-                         implementation)
-  out = out[:, 0]
+                                            local_blocks=local_blocks,
+                                            query_blocks=q_positions // block_size))
+  out = _attend_selected(q[:, :, None], cache_k, cache_v, q_positions[:, :, None],
+                         cache_positions, q_seg[:, :, None], kv_seg, indices, block_size, scale,
+                         logits_soft_cap, implementation)
+  out = out[:, :, 0]
   return (out, indices) if return_indices else out
