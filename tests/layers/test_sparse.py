@@ -165,8 +165,8 @@ def test_lambda_without_a_binding_cap_is_sink_window():
 
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(pattern="dilated"), ValueError,
-     r"SparseAttention: pattern must be one of \('sink_window', 'lambda', 'bigbird', 'strided'\)"
-     r", got 'dilated'"),
+     r"SparseAttention: pattern must be one of \('sink_window', 'lambda', 'bigbird', 'strided', "
+     r"'select'\), got 'dilated'"),
     (dict(pattern="sink_window", window=4), ValueError,
      r"SparseAttention: pattern_mask: pattern 'sink_window' needs sink_tokens, got window"),
     (dict(pattern="strided", block=4, local_blocks=1, stride=2, max_length=16, window=4),

@@ -103,9 +103,11 @@ def route(x, centroids):
 def update_centroids(centroids, x, assignments, decay, *, valid=None):
   """One online k-means (EMA) step: the new centroids [Hc, C, D] in centroids' dtype.
 
-  ``new[h, c] = decay * centroids[h, c] + (1 - decay) * mean{normalise(x[b, t, g]) :
-  assignments[b, t, g] == c, g a head of centroid head h, valid[b, t]}``; a centroid nothing was
-  assigned to stays as it was. ``x`` [B, T, H, D] and ``assignments`` int [B, T, H] (from
+  ``m = decay * centroids[h, c] + (1 - decay) * mean{normalise(x[b, t, g]) :
+  assignments[b, t, g] == c, g a head of centroid head h, valid[b, t]}`` and
+  ``new[h, c] = normalise(m)`` (unit centroids keep the EMA's step size independent of their
+  history; `route` only reads directions); a centroid nothing was assigned to stays as it was.
+  ``decay`` in ``[0, 1)``. ``x`` [B, T, H, D] and ``assignments`` int [B, T, H] (from
   `route`) may be tuples of such arrays, e.g. ``(q, k)`` and their ids: the mean is over all of
   them (the paper updates with both). ``valid`` [B, T] bool drops tokens (padding) and then
   applies to every entry. Ids outside ``[0, C)`` are ignored. No gradient flows through it.
@@ -118,8 +120,8 @@ def update_centroids(centroids, x, assignments, decay, *, valid=None):
     raise ValueError(f"{owner}: x and assignments must be two arrays or two sequences of equal "
                      f"non-zero length, got {len(xs)} and {len(ids)} entries")
   if isinstance(decay, bool) or not isinstance(decay, (int, float, np.integer, np.floating)) or (
-      not 0.0 <= decay <= 1.0):
-    raise ValueError(f"{owner}: decay must be a number in [0, 1], got {decay!r}")
+      not 0.0 <= decay < 1.0):
+    raise ValueError(f"{owner}: decay must be a number in [0, 1), got {decay!r}")
   hc, c, d = centroids.shape
   shapes = []
   for n, (xn, an) in enumerate(zip(xs, ids)):
@@ -154,7 +156,8 @@ def update_centroids(centroids, x, assignments, decay, *, valid=None):
                                   num_segments=hc * c)
   mean = (sums / jnp.maximum(counts, 1.0)[:, None]).reshape(hc, c, d)
   old = jax.lax.stop_gradient(centroids).astype(jnp.float32)
-  new = jnp.where((counts > 0).reshape(hc, c, 1), decay * old + (1.0 - decay) * mean, old)
+  moved = _normalised(decay * old + (1.0 - decay) * mean)
+  new = jnp.where((counts > 0).reshape(hc, c, 1), moved, old)
   return new.astype(centroids.dtype)
 
 
@@ -245,8 +248,8 @@ def routing_attention(q, k, v, centroids, *, positions=None, segment_ids=None,
                      f"B, Tk, Hkv and D, with Hq a multiple of Hkv")
   hc, c = _check_centroids(owner, centroids, hkv, d, "k's")
   if hc != hkv:
-    raise ValueError(f"{owner}: centroids must hold one set per KV head, [Hkv={hkv}, C, D], got "
-                     f"shape {tuple(centroids.shape)}")
+    raise ValueError(f"{owner}: centroids must be [Hkv, C, D] = [{hkv}, C, {d}] (one set per "
+                     f"KV head), got shape {tuple(centroids.shape)}")
   if (tq + tk) * c >= 2**31:
     raise ValueError(f"{owner}: (Tq + Tk) * C must stay below 2**31 (folded int32 ids), got "
                      f"Tq={tq}, Tk={tk}, C={c} from centroids")
