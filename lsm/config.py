@@ -83,7 +83,8 @@ class LandmarkConfig(_Section):
 
 class SparseConfig(_Section):
   """Static sparse attention (``sparse_attention`` in ``model.layer_pattern``; docs/sparse.md).
-  Each pattern reads only its own fields."""
+  Each pattern reads only its own fields. ``duo_attention`` (per-head policies) reads
+  ``window``, ``sink_tokens`` and ``head_types``."""
   pattern: Literal["sink_window", "lambda", "bigbird", "strided", "select"] = "sink_window"
   window: int = Field(256, gt=0)  # sink_window, lambda: keys at positions p - window .. p
   sink_tokens: int = Field(4, ge=0)  # sink_window: first positions every query sees
@@ -98,6 +99,9 @@ class SparseConfig(_Section):
   max_length: int = Field(4096, gt=0)  # bigbird, strided: positions the layout covers
   top_k: int = Field(4, ge=0)  # select: best-scoring blocks per query block (block = block size)
   sink_blocks: int = Field(1, ge=0)  # select: first blocks always attended (+ local_blocks)
+  # duo_attention (with window and sink_tokens for its streaming heads): one per KV head, the
+  # same for every duo_attention layer; None: all retrieval.
+  head_types: list[Literal["retrieval", "streaming"]] | None = None
 
 
 class RecurrentMemoryConfig(_Section):
@@ -140,6 +144,14 @@ class ModelConfig(_Section):
     if self.num_layers % len(self.layer_pattern):
       raise ValueError(f"model.num_layers={self.num_layers} must be a multiple of the length "
                        f"of model.layer_pattern={self.layer_pattern}")
+    return self
+
+  @model_validator(mode="after")
+  def _duo_head_types(self):
+    head_types = self.sparse.head_types
+    if head_types is not None and len(head_types) != self.num_kv_heads:
+      raise ValueError(f"model.sparse.head_types={head_types} must have one entry per KV head, "
+                       f"model.num_kv_heads={self.num_kv_heads}")
     return self
 
   @property
@@ -263,6 +275,15 @@ class SnapKVConfig(_Section):
   pool_kernel: int = Field(7, gt=0)
 
 
+class BlockSelectConfig(_Section):
+  """Decode-time block selection (Quest): each step reads the ``top_k`` best cache blocks plus
+  ``sink_blocks`` and ``local_blocks``; every token is stored."""
+  block_size: int = Field(16, gt=0)
+  top_k: int = Field(4, ge=0)
+  sink_blocks: int = Field(1, ge=0)
+  local_blocks: int = Field(1, gt=0)
+
+
 class DecodeConfig(_Section):
   max_new_tokens: int = Field(64, gt=0)
   temperature: float = Field(0.0, ge=0)  # 0: greedy
@@ -272,11 +293,13 @@ class DecodeConfig(_Section):
   prefill_chunk: int = Field(512, gt=0)
   max_length: int | None = Field(None, gt=0)  # cache length; None: prompt + new tokens
   # Of the attention mixers; each policy reads its own section below.
-  cache_policy: Literal["full", "block_memory", "sink_window", "heavy_hitter", "snapkv"] = "full"
+  cache_policy: Literal["full", "block_memory", "sink_window", "heavy_hitter", "snapkv",
+                        "block_select"] = "full"
   block_memory: BlockMemoryConfig = BlockMemoryConfig()
   sink_window: SinkWindowConfig = SinkWindowConfig()
   heavy_hitter: HeavyHitterConfig = HeavyHitterConfig()
   snapkv: SnapKVConfig = SnapKVConfig()
+  block_select: BlockSelectConfig = BlockSelectConfig()
 
 
 class EvalConfig(_Section):

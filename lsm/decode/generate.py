@@ -29,8 +29,8 @@ from flax import nnx
 
 from lsm.config import ConfigError
 from lsm.decode.sampling import check_sampling, sample
-from lsm.layers import (CACHE_POLICIES, BlockMemoryPolicy, HeavyHitterPolicy, LandmarkAttention,
-                        SinkWindowPolicy, SnapKVPolicy)
+from lsm.layers import (CACHE_POLICIES, BlockMemoryPolicy, BlockSelectPolicy, HeavyHitterPolicy,
+                        LandmarkAttention, SinkWindowPolicy, SnapKVPolicy)
 
 
 @dataclasses.dataclass
@@ -109,7 +109,8 @@ def _pick(logits, key, forced, has_forced, sampling, banned):
 
 
 _POLICY_CLASSES = {"block_memory": BlockMemoryPolicy, "sink_window": SinkWindowPolicy,
-                   "heavy_hitter": HeavyHitterPolicy, "snapkv": SnapKVPolicy}
+                   "heavy_hitter": HeavyHitterPolicy, "snapkv": SnapKVPolicy,
+                   "block_select": BlockSelectPolicy}
 
 
 def cache_policy_of(decode_config):
@@ -130,8 +131,9 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
              cache_dtype=jnp.float32, cache_policy=None) -> Generation:
   """Continues every prompt by up to ``max_new_tokens`` tokens (fewer after a stop token).
   ``cache_policy``: None (each mixer's own cache) or one of `lsm.layers.CACHE_POLICIES` for the
-  attention mixers (block memory, sink + window, heavy hitters, SnapKV; with SnapKV the prompt
-  it compresses is the first prefill chunk, so give ``prefill_chunk`` >= the prompt length). Landmark models get their landmark tokens inserted (module docstring)."""
+  attention mixers (block memory, sink + window, heavy hitters, SnapKV, block selection; with
+  SnapKV the prompt it compresses is the first prefill chunk, so give ``prefill_chunk`` >= the
+  prompt length). Landmark models get their landmark tokens inserted (module docstring)."""
   landmarks = landmark_layout(model)
   prompts = _check_prompts(prompts, model.vocab_size - (landmarks is not None))
   if cache_policy is not None and not isinstance(cache_policy, CACHE_POLICIES):

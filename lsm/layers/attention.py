@@ -18,14 +18,15 @@ from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
 from lsm.layers import checks
 from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
 from lsm.layers.kv_cache import DenseKVCache, RingKVCache
-from lsm.layers.kv_policies import BUDGET_POLICIES, ScoredKVCache, SinkWindowPolicy
+from lsm.layers.kv_policies import (BUDGET_POLICIES, BlockSelectPolicy, ScoredKVCache,
+                                    SelectKVCache, SinkWindowPolicy)
 from lsm.layers.projections import add_attention_projections
 from lsm.layers.rope import RopeScaling, apply_rope
 from lsm.parallel.context import ContextParallel, context_attention
 from lsm.parallel.decode import shard_cache, sharded_cache_attention
 from lsm.parallel.layout import permutation
 
-KVCache = DenseKVCache | RingKVCache | BlockMemoryKVCache | ScoredKVCache
+KVCache = DenseKVCache | RingKVCache | BlockMemoryKVCache | ScoredKVCache | SelectKVCache
 CACHE_POLICIES = (BlockMemoryPolicy, *BUDGET_POLICIES)
 
 
@@ -124,6 +125,9 @@ class Attention(nnx.Module):
       if isinstance(policy, SinkWindowPolicy):
         return RingKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
                                   window=policy.window, sink_tokens=policy.sink_tokens)
+      if isinstance(policy, BlockSelectPolicy):
+        return SelectKVCache(dense=DenseKVCache.create(batch_size, max_length, self.num_kv_heads,
+                                                       self.head_dim, dtype), policy=policy)
       if not isinstance(policy, BlockMemoryPolicy):
         return ScoredKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
                                     policy=policy)
@@ -173,7 +177,7 @@ class Attention(nnx.Module):
           q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, cache, axis=self.context_parallel.axis,
           **common)
       return self._output(out_BTHK), cache
-    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache)):
+    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache, SelectKVCache)):
       out_BTHK, cache = cache.attend(q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, **common)
       return self._output(out_BTHK), cache
     if cache is None:
@@ -226,17 +230,19 @@ class Attention(nnx.Module):
     return 1 if self.context_parallel is None else self.context_parallel.shards()
 
   def _check_cache(self, cache, batch_size: int):
-    if not isinstance(cache, (DenseKVCache, RingKVCache, BlockMemoryKVCache, ScoredKVCache)):
+    if not isinstance(cache, (DenseKVCache, RingKVCache, BlockMemoryKVCache, ScoredKVCache,
+                              SelectKVCache)):
       raise TypeError(f"Attention: cache must be a DenseKVCache, RingKVCache, "
-                      f"BlockMemoryKVCache or ScoredKVCache (from init_cache), got "
-                      f"{type(cache).__name__}")
+                      f"BlockMemoryKVCache, ScoredKVCache or SelectKVCache (from init_cache), "
+                      f"got {type(cache).__name__}")
     keys = cache.window.keys if isinstance(cache, BlockMemoryKVCache) else cache.keys
     expected = (batch_size, self.num_kv_heads, self.head_dim)
     got = (keys.shape[0], *keys.shape[2:])
     if got != expected:
       raise ValueError(f"Attention: cache must have (batch, kv heads, head dim) = {expected} to "
                        f"match x and the layer, got {got}")
-    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache)) and self.window is not None:
+    if isinstance(cache, (BlockMemoryKVCache, ScoredKVCache, SelectKVCache)) and (
+        self.window is not None):
       raise ValueError(f"Attention: a {type(cache).__name__} needs a layer without a window, this "
                        f"one has window={self.window}")
     if isinstance(cache, RingKVCache) and self.window is not None and (

@@ -20,6 +20,12 @@ keeps at most the budget of them:
   later form a window: the last ``observation_window`` tokens always stay, and a token that ages
   out of it leaves before any selected prompt key. Per KV head.
 
+- `BlockSelectPolicy` (Quest, Tang et al. 2024): every token is stored (a dense cache); a
+  prefill chunk attends densely, and each single-token decoding step attends only its
+  ``sink_blocks``, ``local_blocks`` and the ``top_k`` cache blocks of ``block_size`` tokens with
+  the highest Quest bound (`lsm.kernels.attention.select`) — a budget on what each step reads,
+  ``(sink_blocks + local_blocks + top_k) * block_size`` keys, not on what is stored.
+
 Keys are stored as the layer caches them (rotated at their true positions); positions are never
 renumbered. `ScoredKVCache` holds the last two; each stores ``budget`` slots per KV head, and a
 call of t tokens attends at most ``budget + t`` keys.
@@ -36,9 +42,10 @@ from flax import struct
 from jax import lax
 
 from lsm.kernels.attention import Mask, attention
+from lsm.kernels.attention.select import block_select_decode
 from lsm.layers import checks
 from lsm.layers.block_memory import Slots, received_attention
-from lsm.layers.kv_cache import EMPTY_POSITION
+from lsm.layers.kv_cache import EMPTY_POSITION, DenseKVCache
 
 
 def _count(owner, name, value, low):
@@ -106,7 +113,60 @@ class SnapKVPolicy:
                        f"{self.pool_kernel}")
 
 
-BUDGET_POLICIES = (SinkWindowPolicy, HeavyHitterPolicy, SnapKVPolicy)
+@dataclasses.dataclass(frozen=True)
+class BlockSelectPolicy:
+  """Decode over the ``top_k`` best cache blocks plus sinks and the local block (Quest)."""
+
+  block_size: int = 16
+  top_k: int = 4
+  sink_blocks: int = 1
+  local_blocks: int = 1
+
+  def __post_init__(self):
+    owner = "BlockSelectPolicy"
+    for name, low in (("block_size", 1), ("top_k", 0), ("sink_blocks", 0), ("local_blocks", 1)):
+      object.__setattr__(self, name, _count(owner, name, getattr(self, name), low))
+
+  @property
+  def budget(self) -> int:
+    """Keys one decoding step attends at most."""
+    return (self.sink_blocks + self.local_blocks + self.top_k) * self.block_size
+
+
+BUDGET_POLICIES = (SinkWindowPolicy, HeavyHitterPolicy, SnapKVPolicy, BlockSelectPolicy)
+
+
+@struct.dataclass
+class SelectKVCache:
+  """A `DenseKVCache` read by block selection on single-token steps (`BlockSelectPolicy`)."""
+
+  dense: DenseKVCache
+  policy: BlockSelectPolicy = struct.field(pytree_node=False)
+
+  @property
+  def keys(self):
+    return self.dense.keys
+
+  def attend(self, q_BTHK, k_BTGK, v_BTGK, positions, segment_ids, *, mask: Mask | None = None,
+             scale: float | None = None, logits_soft_cap: float | None = None,
+             implementation: str | None = None):
+    """Writes the t new tokens, then attends: densely for t > 1, by selection for t == 1."""
+    mask = Mask(causal=True) if mask is None else mask
+    (keys, values, kv_pos, kv_seg), dense = self.dense.append(k_BTGK, v_BTGK, positions,
+                                                              segment_ids)
+    keys, values = keys.astype(q_BTHK.dtype), values.astype(q_BTHK.dtype)
+    common = dict(scale=scale, logits_soft_cap=logits_soft_cap, implementation=implementation)
+    if q_BTHK.shape[1] > 1:
+      out = attention(q_BTHK, keys, values, mask=mask, q_positions=positions,
+                      kv_positions=kv_pos, q_segment_ids=segment_ids, kv_segment_ids=kv_seg,
+                      **common)
+    else:
+      p = self.policy
+      out = block_select_decode(q_BTHK, keys, values, q_positions=positions,
+                                cache_positions=kv_pos, q_segment_ids=segment_ids,
+                                cache_segment_ids=kv_seg, block_size=p.block_size, top_k=p.top_k,
+                                sink_blocks=p.sink_blocks, local_blocks=p.local_blocks, **common)
+    return out, self.replace(dense=dense)
 
 
 @struct.dataclass

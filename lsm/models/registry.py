@@ -135,6 +135,20 @@ def _sparse_attention(config, rngs):
       **_sparse_pattern_params(config.sparse))
 
 
+@register_mixer("duo_attention")
+def _duo_attention(config, rngs):
+  att, rope, sparse = config.attention, config.rope, config.sparse
+  return layers.DuoAttention(
+      config.d_model, config.num_heads, config.num_kv_heads, config.resolved_head_dim,
+      window=sparse.window, sink_tokens=sparse.sink_tokens,
+      head_types=None if sparse.head_types is None else tuple(sparse.head_types),
+      rope_base=rope.base,
+      rope_scaling=layers.RopeScaling(kind=rope.scaling, factor=rope.factor,
+                                      original_length=rope.original_length),
+      logits_soft_cap=att.logits_soft_cap, implementation=att.implementation,
+      qk_norm=att.qk_norm, rngs=rngs, dtype=config.dtype, param_dtype=config.param_dtype)
+
+
 def _ssm_common(config, rngs):
   ssm = config.ssm
   return dict(dt_min=ssm.dt_min, dt_max=ssm.dt_max, rngs=rngs, dtype=config.dtype,

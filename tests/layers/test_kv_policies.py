@@ -13,8 +13,8 @@ from flax import nnx
 from lsm.config import Config
 from lsm.decode import generate
 from lsm.decode.generate import cache_policy_of
-from lsm.layers import (Attention, HeavyHitterPolicy, ScoredKVCache, SinkWindowPolicy,
-                        SnapKVPolicy)
+from lsm.layers import (Attention, BlockSelectPolicy, HeavyHitterPolicy, ScoredKVCache,
+                        SinkWindowPolicy, SnapKVPolicy)
 from lsm.layers.kv_cache import EMPTY_POSITION
 from lsm.models import LM
 from tests.layers.helpers import assert_close
@@ -71,15 +71,41 @@ def test_sink_window_policy_on_a_full_attention_layer_equals_a_windowed_layer():
 
 
 @pytest.mark.parametrize("policy", [HeavyHitterPolicy(budget=T, recent=3),
-                                    SnapKVPolicy(budget=T, observation_window=4, pool_kernel=3)],
-                         ids=["heavy_hitter", "snapkv"])
+                                    SnapKVPolicy(budget=T, observation_window=4, pool_kernel=3),
+                                    BlockSelectPolicy(block_size=4, top_k=6)],
+                         ids=["heavy_hitter", "snapkv", "block_select"])
 def test_a_budget_that_holds_everything_is_full_attention(policy):
   layer = _layer()
   x = _x(1)
   positions = jnp.broadcast_to(jnp.arange(T), (2, T))
   got, cache = _decode(layer, x, policy, prefill=9)
   assert_close(got, _forward(layer, x, positions, positions * 0), what="policy vs full")
-  assert int(jnp.min(cache.held())) == T
+  if isinstance(policy, BlockSelectPolicy):
+    assert int(cache.dense.length) == T  # stores every token; the budget is on what is read
+  else:
+    assert int(jnp.min(cache.held())) == T
+
+
+def test_block_select_steps_read_only_the_chosen_blocks():
+  """A single decoding step with top_k=1 equals `block_select_decode` over the stored keys,
+  and differs from full attention; prefill chunks attend densely."""
+  from lsm.kernels.attention import select  # noqa: PLC0415
+  layer = _layer()
+  x = _x(6)
+  policy = BlockSelectPolicy(block_size=4, top_k=1)
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  full = _forward(layer, x, positions, positions * 0)
+  cache = layer.init_cache(2, T, policy=policy)
+  y, cache = _cached(layer, x[:, :-1], positions[:, :-1], positions[:, :-1] * 0, cache)
+  assert_close(y, full[:, :-1], what="dense prefill")
+  step, _ = _cached(layer, x[:, -1:], positions[:, -1:], positions[:, -1:] * 0, cache)
+  q, k, v = layer._project(x)
+  q, k = layer._rope(q, positions), layer._rope(k, positions)
+  want = layer._output(select.block_select_decode(
+      q[:, -1:], k, v, q_positions=positions[:, -1:], cache_positions=positions, block_size=4,
+      top_k=1))
+  assert_close(step, want, what="step vs block_select_decode")
+  assert float(jnp.max(jnp.abs(step - full[:, -1:]))) > 1e-4
 
 
 # ------------------------------------------------------------- float64 simulations of the policies
@@ -239,7 +265,8 @@ def _model():
 @pytest.mark.parametrize("name, section", [
     ("sink_window", dict(sink_tokens=2, window=6)),
     ("heavy_hitter", dict(budget=8, recent=3)),
-    ("snapkv", dict(budget=8, observation_window=3, pool_kernel=3))])
+    ("snapkv", dict(budget=8, observation_window=3, pool_kernel=3)),
+    ("block_select", dict(block_size=2, top_k=1))])
 def test_generate_with_each_policy_from_the_config(name, section):
   """Policies come from the decode config; rows are independent (a batch equals each prompt
   alone); a budget that holds everything generates what the full cache does."""
@@ -251,7 +278,8 @@ def test_generate_with_each_policy_from_the_config(name, section):
   together = generate(model, prompts, max_new_tokens=6, cache_policy=policy).tokens
   assert together == [generate(model, [p], max_new_tokens=6, cache_policy=policy).tokens[0]
                       for p in prompts]
-  roomy = type(policy)(**{**section, ("window" if name == "sink_window" else "budget"): 16})
+  room = {"sink_window": "window", "block_select": "top_k"}.get(name, "budget")
+  roomy = type(policy)(**{**section, room: 16})
   assert (generate(model, prompts, max_new_tokens=6, cache_policy=roomy).tokens
           == generate(model, prompts, max_new_tokens=6).tokens)
 
