@@ -85,7 +85,8 @@ class SparseConfig(_Section):
   """Static sparse attention (``sparse_attention`` in ``model.layer_pattern``; docs/sparse.md).
   Each pattern reads only its own fields. ``duo_attention`` (per-head policies) reads
   ``window``, ``sink_tokens`` and ``head_types``."""
-  pattern: Literal["sink_window", "lambda", "bigbird", "strided", "select"] = "sink_window"
+  pattern: Literal["sink_window", "lambda", "bigbird", "strided", "select",
+                   "routing"] = "sink_window"
   window: int = Field(256, gt=0)  # sink_window, lambda: keys at positions p - window .. p
   sink_tokens: int = Field(4, ge=0)  # sink_window: first positions every query sees
   global_tokens: int = Field(4, ge=0)  # lambda: first positions every query sees
@@ -99,6 +100,7 @@ class SparseConfig(_Section):
   max_length: int = Field(4096, gt=0)  # bigbird, strided: positions the layout covers
   top_k: int = Field(4, ge=0)  # select: best-scoring blocks per query block (block = block size)
   sink_blocks: int = Field(1, ge=0)  # select: first blocks always attended (+ local_blocks)
+  num_clusters: int = Field(4, gt=0)  # routing: k-means centroids per KV head
   # duo_attention (with window and sink_tokens for its streaming heads): one per KV head, the
   # same for every duo_attention layer; None: all retrieval.
   head_types: list[Literal["retrieval", "streaming"]] | None = None

@@ -21,16 +21,27 @@ Quest-style bounds from per-block key min/max). Training and prefill select, per
 as `lsm.decode.generate` does). With ``top_k`` covering every block it is causal attention, and
 then decoding equals the forward pass; with fewer, prefill (per query block) and decoding (per
 query) may choose differently, as in Quest.
+
+``routing`` is the Routing Transformer (`lsm.kernels.attention.routing`): queries and keys
+(after RoPE) go to the nearest of ``num_clusters`` centroids per KV head and attend within their
+cluster, causally. The centroids are a `RoutingCentroids` parameter trained by an online k-means
+*pull* rather than by the loss: whatever the loss, its gradient with respect to the centroids
+is ``centroid - normalise(mean of the normalised q and k routed to it)`` (zero for a centroid
+nothing was routed to), so the training loop's optimizer step moves each centroid towards its
+cluster's mean — k-means by gradient steps (the paper's EMA is `update_centroids`). Decoding
+keeps a dense cache and routes the cached keys again each step, so it equals the forward pass.
 """
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from lsm.kernels.attention import Mask, attention, merge
 from lsm.kernels.attention.patterns import PATTERNS, pattern_mask
+from lsm.kernels.attention.routing import route, routing_attention
 from lsm.kernels.attention.select import block_select_attention, block_select_decode
 from lsm.layers import checks
 from lsm.layers.attention import Attention, KVCache
@@ -38,7 +49,45 @@ from lsm.layers.kv_cache import EMPTY_POSITION
 from lsm.layers.rope import RopeScaling
 
 SELECT_PARAMS = ("block_size", "top_k", "sink_blocks", "local_blocks")
-SPARSE_PATTERNS = (*PATTERNS, "select")
+SPARSE_PATTERNS = (*PATTERNS, "select", "routing")
+
+
+class RoutingCentroids(nnx.Param):
+  """Routing centroids [Hkv, C, D] of the ``routing`` pattern; their gradient is the k-means
+  pull (module docstring), not the loss's."""
+
+
+@jax.custom_vjp
+def _kmeans_pull(centroids, q, k, q_clusters, k_clusters):
+  """0.0, whose gradient with respect to the centroids is the k-means pull (others: zero)."""
+  del q, k, q_clusters, k_clusters
+  return jnp.zeros((), centroids.dtype)
+
+
+def _pull_fwd(centroids, q, k, q_clusters, k_clusters):
+  return _kmeans_pull(centroids, q, k, q_clusters, k_clusters), (centroids, q, k, q_clusters,
+                                                                 k_clusters)
+
+
+def _pull_bwd(res, _):
+  centroids, q, k, q_clusters, k_clusters = res
+  hkv, c, d = centroids.shape
+  unit = lambda x: x / jnp.maximum(jnp.linalg.norm(x, axis=-1, keepdims=True), 1e-6)
+  sums = jnp.zeros((hkv, c, d), jnp.float32)
+  counts = jnp.zeros((hkv, c), jnp.float32)
+  for x, ids in ((q, q_clusters), (k, k_clusters)):
+    b, t, h, _ = x.shape
+    group = h // hkv
+    onehot = jax.nn.one_hot(ids.reshape(b, t, hkv, group), c, dtype=jnp.float32)
+    sums += jnp.einsum("btkgc,btkgd->kcd", onehot,
+                       unit(x.astype(jnp.float32)).reshape(b, t, hkv, group, d))
+    counts += jnp.sum(onehot, axis=(0, 1, 3))
+  target = unit(sums / jnp.maximum(counts, 1.0)[..., None])
+  pull = jnp.where(counts[..., None] > 0, centroids.astype(jnp.float32) - target, 0.0)
+  return (pull.astype(centroids.dtype), jnp.zeros_like(q), jnp.zeros_like(k), None, None)
+
+
+_kmeans_pull.defvjp(_pull_fwd, _pull_bwd)
 
 # Before every real position: outside every window, so the window part never sees the key.
 _FAR_PAST = -EMPTY_POSITION
@@ -50,7 +99,8 @@ class SparseAttention(Attention):
 
   Args:
     d_model, num_heads, num_kv_heads, head_dim: as `Attention`.
-    pattern: ``"sink_window"``, ``"lambda"``, ``"bigbird"``, ``"strided"`` or ``"select"``.
+    pattern: ``"sink_window"``, ``"lambda"``, ``"bigbird"``, ``"strided"``, ``"select"`` or
+      ``"routing"``.
     distance_cap: ``"lambda"`` only: the farthest a query sees the global tokens (default: the
       window).
     **pattern_params: the parameters of the pattern's function in
@@ -58,7 +108,7 @@ class SparseAttention(Attention):
       global_tokens`` (lambda); ``block, num_local_blocks, num_global_blocks, num_random_blocks,
       max_length[, seed]`` (bigbird); ``block, local_blocks, stride, max_length`` (strided).
       The block patterns cover positions ``< max_length``. ``select``: ``block_size, top_k[,
-      sink_blocks=1, local_blocks=1]``.
+      sink_blocks=1, local_blocks=1]``. ``routing``: ``num_clusters``.
     rope_base, rope_scaling, logits_soft_cap, implementation, qk_norm, rngs, dtype, param_dtype:
       as `Attention`.
   """
@@ -72,7 +122,16 @@ class SparseAttention(Attention):
       raise ValueError(f"SparseAttention: pattern must be one of {SPARSE_PATTERNS}, got "
                        f"{pattern!r}")
     self.select = None
-    if pattern == "select":
+    num_clusters = None
+    if pattern == "routing":
+      if set(pattern_params) != {"num_clusters"}:
+        extra = sorted(set(pattern_params) - {"num_clusters"})
+        raise ValueError(f"SparseAttention: pattern 'routing' takes num_clusters only, got "
+                         f"{extra[0] if extra else 'no num_clusters'}")
+      num_clusters = checks.positive_int("SparseAttention", "num_clusters",
+                                         pattern_params["num_clusters"])
+      mask = Mask(causal=True)
+    elif pattern == "select":
       unknown = sorted(set(pattern_params) - set(SELECT_PARAMS))
       if unknown:
         raise ValueError(f"SparseAttention: {unknown[0]}={pattern_params[unknown[0]]!r} is not a "
@@ -107,6 +166,14 @@ class SparseAttention(Attention):
     self.pattern = pattern
     self.mask = mask
     self.distance_cap = distance_cap
+    if num_clusters is not None:
+      init = jax.random.normal(rngs.params(), (num_kv_heads, num_clusters, self.head_dim))
+      init = init / jnp.linalg.norm(init, axis=-1, keepdims=True)
+      self.centroids = RoutingCentroids(init.astype(param_dtype),
+                                        out_sharding=("kv_heads", None, "head_dim"),
+                                        eager_sharding=False)
+    else:
+      self.centroids = None
     # Positions the block layout covers (None: any).
     self.max_length = None if mask.layout is None else mask.layout.shape[0] * mask.layout_block[0]
 
@@ -128,6 +195,8 @@ class SparseAttention(Attention):
     """As `Attention.__call__`: ``y`` for x [B, T, D], or ``(y, cache)`` with a cache."""
     if self.pattern == "select":
       return self._selected(x_BTD, positions, segment_ids, cache)
+    if self.pattern == "routing":
+      return self._routed(x_BTD, positions, segment_ids, cache)
     if self.pattern != "lambda":
       return super().__call__(x_BTD, positions=positions, segment_ids=segment_ids, cache=cache)
     positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
@@ -176,4 +245,28 @@ class SparseAttention(Attention):
                               q_positions=positions, cache_positions=kv_positions,
                               q_segment_ids=segment_ids, cache_segment_ids=kv_segment_ids,
                               **common)
+    return self._output(out), cache
+
+  def _routed(self, x_BTD, positions, segment_ids, cache):
+    """The ``routing`` pattern: attention within clusters; the centroids get the k-means pull."""
+    positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
+    b, t, _ = x_BTD.shape
+    if positions is None:
+      positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
+    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
+    q_BTHK, k_BTGK = (self._rope(z, positions) for z in (q_BTHK, k_BTGK))
+    centroids = self.centroids[...]
+    common = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
+    if cache is None:
+      out = routing_attention(q_BTHK, k_BTGK, v_BTGK, centroids, positions=positions,
+                              segment_ids=segment_ids, **common)
+      y = self._output(out)
+      pull = _kmeans_pull(centroids, q_BTHK, k_BTGK, route(q_BTHK, centroids),
+                          route(k_BTGK, centroids))
+      return y + pull.astype(y.dtype)  # adds 0.0; carries the centroids' gradient
+    (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
+        k_BTGK, v_BTGK, positions, segment_ids)
+    out = routing_attention(q_BTHK, k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype),
+                            centroids, positions=positions, segment_ids=segment_ids,
+                            kv_positions=kv_positions, kv_segment_ids=kv_segment_ids, **common)
     return self._output(out), cache

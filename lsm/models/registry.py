@@ -115,6 +115,8 @@ def _sparse_pattern_params(sparse) -> dict:
     return dict(block=sparse.block, num_local_blocks=sparse.local_blocks,
                 num_global_blocks=sparse.global_blocks, num_random_blocks=sparse.random_blocks,
                 seed=sparse.seed, max_length=sparse.max_length)
+  if sparse.pattern == "routing":
+    return dict(num_clusters=sparse.num_clusters)
   if sparse.pattern == "select":
     return dict(block_size=sparse.block, top_k=sparse.top_k, sink_blocks=sparse.sink_blocks,
                 local_blocks=sparse.local_blocks)

@@ -1,6 +1,7 @@
 """The sparse-attention mixer: the float64 definition (with LM-Infinite's distance cap), the
 DESIGN.md invariants (packing, decoding) for every pattern, argument errors and the registry."""
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -166,7 +167,7 @@ def test_lambda_without_a_binding_cap_is_sink_window():
 @pytest.mark.parametrize("kwargs, error, match", [
     (dict(pattern="dilated"), ValueError,
      r"SparseAttention: pattern must be one of \('sink_window', 'lambda', 'bigbird', 'strided', "
-     r"'select'\), got 'dilated'"),
+     r"'select', 'routing'\), got 'dilated'"),
     (dict(pattern="sink_window", window=4), ValueError,
      r"SparseAttention: pattern_mask: pattern 'sink_window' needs sink_tokens, got window"),
     (dict(pattern="strided", block=4, local_blocks=1, stride=2, max_length=16, window=4),
@@ -293,3 +294,58 @@ def test_select_arguments_are_named(kwargs, match):
   with pytest.raises(ValueError, match=match):
     SparseAttention(D_MODEL, num_heads=4, num_kv_heads=2, head_dim=8, rngs=nnx.Rngs(0),
                     pattern="select", **kwargs)
+
+
+# ------------------------------------------------------------------------------- routing
+
+
+def _routing_layer(**overrides):
+  return SparseAttention(D_MODEL, num_heads=4, num_kv_heads=2, head_dim=8, rngs=nnx.Rngs(6),
+                         pattern="routing", num_clusters=3, **overrides)
+
+
+def test_routing_is_the_routing_function_and_decodes_like_the_forward():
+  from lsm.kernels.attention import routing  # noqa: PLC0415
+  layer = _routing_layer()
+  x = _f32(_x(10, T))
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  segments = jnp.zeros((2, T), jnp.int32)
+  q, k, v = layer._project(x)
+  q, k = layer._rope(q, positions), layer._rope(k, positions)
+  want = layer._output(routing.routing_attention(q, k, v, layer.centroids[...]))
+  full = _forward(layer, x, positions, segments)
+  assert_close(full, want, what="layer vs routing function")
+  got, _ = _decode(layer, np.asarray(x), layer.init_cache(2, 32), 9,
+                   positions=np.asarray(positions), segment_ids=np.asarray(segments))
+  assert_close(got, full, what="decoded vs forward")
+
+
+def test_routing_centroids_get_the_kmeans_pull_whatever_the_loss():
+  """The centroids' gradient is centroid - normalise(mean of the normalised q and k routed to
+  it), for two different losses; q/k/v projections get the loss's gradient as usual."""
+  from lsm.kernels.attention import routing  # noqa: PLC0415
+  layer = _routing_layer()
+  x = _f32(_x(11, T))
+  positions = jnp.broadcast_to(jnp.arange(T), (2, T))
+  q, k, _ = layer._project(x)
+  q, k = np.asarray(layer._rope(q, positions)), np.asarray(layer._rope(k, positions))
+  c = np.asarray(layer.centroids[...], np.float64)
+  cq = np.asarray(routing.route(jnp.asarray(q), jnp.asarray(c)))
+  ck = np.asarray(routing.route(jnp.asarray(k), jnp.asarray(c)))
+  unit = lambda z: z / np.linalg.norm(z, axis=-1, keepdims=True)
+  want = np.zeros_like(c)
+  for h in range(2):
+    for j in range(3):
+      members = [unit(q[b, t, g]) for b in range(2) for t in range(T) for g in (2 * h, 2 * h + 1)
+                 if cq[b, t, g] == j]
+      members += [unit(k[b, t, h]) for b in range(2) for t in range(T) if ck[b, t, h] == j]
+      if members:
+        want[h, j] = c[h, j] - unit(np.mean(members, 0))
+  graphdef, params = nnx.split(layer)
+  for weight in (1.0, -3.0):
+    def loss(params):
+      return weight * jnp.sum(nnx.merge(graphdef, params)(x, positions=positions) ** 2)
+
+    grads = jax.grad(loss)(params)
+    np.testing.assert_allclose(grads["centroids"][...], want, rtol=1e-4, atol=1e-5)
+    assert float(jnp.abs(grads["query"][...]).max()) > 0
