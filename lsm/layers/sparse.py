@@ -225,14 +225,20 @@ class SparseAttention(Attention):
     y_BTD = self._output(out_BTHK)
     return y_BTD if cache is None else (y_BTD, cache)
 
-  def _selected(self, x_BTD, positions, segment_ids, cache):
-    """The ``select`` pattern: block selection over the sequence, or per query over the cache."""
+  def _rotated(self, x_BTD, positions, segment_ids, cache):
+    """Checked positions and segment ids (default ``arange``) and the rotated q, k and v."""
     positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
     b, t, _ = x_BTD.shape
     if positions is None:
       positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
     q_BTHK, k_BTGK = (self._rope(z, positions) for z in (q_BTHK, k_BTGK))
+    return positions, segment_ids, q_BTHK, k_BTGK, v_BTGK
+
+  def _selected(self, x_BTD, positions, segment_ids, cache):
+    """The ``select`` pattern: block selection over the sequence, or per query over the cache."""
+    positions, segment_ids, q_BTHK, k_BTGK, v_BTGK = self._rotated(x_BTD, positions,
+                                                                   segment_ids, cache)
     common = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
                   **self.select)
     if cache is None:
@@ -249,12 +255,8 @@ class SparseAttention(Attention):
 
   def _routed(self, x_BTD, positions, segment_ids, cache):
     """The ``routing`` pattern: attention within clusters; the centroids get the k-means pull."""
-    positions, segment_ids = self._check_call(x_BTD, positions, segment_ids, cache)
-    b, t, _ = x_BTD.shape
-    if positions is None:
-      positions = np.broadcast_to(np.arange(t, dtype=np.int32), (b, t))
-    q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
-    q_BTHK, k_BTGK = (self._rope(z, positions) for z in (q_BTHK, k_BTGK))
+    positions, segment_ids, q_BTHK, k_BTGK, v_BTGK = self._rotated(x_BTD, positions,
+                                                                   segment_ids, cache)
     centroids = self.centroids[...]
     common = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation)
     if cache is None:

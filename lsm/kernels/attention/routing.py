@@ -46,6 +46,7 @@ import numpy as np
 from lsm.kernels.attention.api import attention
 from lsm.kernels.attention.blocks import BlockSizes
 from lsm.kernels.attention.mask import Mask
+from lsm.kernels.attention.select import token_ids
 
 _EPS = 1e-6  # L2 normalisation floor: a zero vector routes to cluster 0
 
@@ -161,17 +162,6 @@ def update_centroids(centroids, x, assignments, decay, *, valid=None):
   return new.astype(centroids.dtype)
 
 
-def _token_ids(owner, name, x, b, t):
-  """[T] or [B, T] integers -> [B, T] int32."""
-  if x is None:
-    return None
-  x = jnp.asarray(x)
-  if not jnp.issubdtype(x.dtype, jnp.integer) or x.shape not in ((t,), (b, t)):
-    raise ValueError(f"{owner}: {name} must be integers of shape [{t}] or [{b}, {t}], got "
-                     f"{x.dtype} {tuple(x.shape)}")
-  return jnp.broadcast_to(x.astype(jnp.int32), (b, t))
-
-
 def _dense_rank(x_BN):
   """Per row, each id's rank among the row's distinct ids (order kept): [B, N] int32."""
   order = jnp.argsort(x_BN, axis=-1, stable=True)
@@ -264,13 +254,13 @@ def routing_attention(q, k, v, centroids, *, positions=None, segment_ids=None,
   for name, flag in (("return_lse", return_lse), ("return_assignments", return_assignments)):
     if not isinstance(flag, bool):
       raise TypeError(f"{owner}: {name} must be a bool, got {flag!r}")
-  positions = _token_ids(owner, "positions", positions, b, tq)
+  positions = token_ids(owner, "positions", positions, b, tq)
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(tq, dtype=jnp.int32), (b, tq))
-  segment_ids = _token_ids(owner, "segment_ids", segment_ids, b, tq)
-  kv_positions = positions if kv_positions is None else _token_ids(
+  segment_ids = token_ids(owner, "segment_ids", segment_ids, b, tq)
+  kv_positions = positions if kv_positions is None else token_ids(
       owner, "kv_positions", kv_positions, b, tk)
-  kv_segment_ids = segment_ids if kv_segment_ids is None else _token_ids(
+  kv_segment_ids = segment_ids if kv_segment_ids is None else token_ids(
       owner, "kv_segment_ids", kv_segment_ids, b, tk)
 
   q_clusters, k_clusters = route(q, centroids), route(k, centroids)

@@ -166,7 +166,8 @@ def _attend_selected(q, k, v, q_pos, kv_pos, q_seg, kv_seg, indices, block_size,
   return out.reshape(b, nq, bq, hq, -1)
 
 
-def _token_array(owner, name, x, b, t):
+def token_ids(owner, name, x, b, t):
+  """Positions or segment ids: [T] or [B, T] integers -> [B, T] int32 (None stays None)."""
   if x is None:
     return None
   x = jnp.asarray(x)
@@ -204,8 +205,8 @@ def block_select_attention(q, k, v, *, block_size: int, top_k: int, sink_blocks:
                      f"{q.shape[1]} and {k.shape[1]}")
   block_size = _positive_int(owner, "block_size", block_size)
   b, t, hq, d = q.shape
-  positions = _token_array(owner, "positions", positions, b, t)
-  segment_ids = _token_array(owner, "segment_ids", segment_ids, b, t)
+  positions = token_ids(owner, "positions", positions, b, t)
+  segment_ids = token_ids(owner, "segment_ids", segment_ids, b, t)
   positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t)) if positions is None \
       else positions
   segment_ids = jnp.zeros((b, t), jnp.int32) if segment_ids is None else segment_ids
@@ -238,11 +239,11 @@ def block_select_decode(q, cache_k, cache_v, *, q_positions, cache_positions, bl
   b, t, hq, d = q.shape
   s = cache_k.shape[1]
   hkv = cache_k.shape[2]
-  q_positions = _token_array(owner, "q_positions", q_positions, b, t)
-  cache_positions = _token_array(owner, "cache_positions", cache_positions, b, s)
-  q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else _token_array(
+  q_positions = token_ids(owner, "q_positions", q_positions, b, t)
+  cache_positions = token_ids(owner, "cache_positions", cache_positions, b, s)
+  q_seg = jnp.zeros((b, t), jnp.int32) if q_segment_ids is None else token_ids(
       owner, "q_segment_ids", q_segment_ids, b, t)
-  kv_seg = jnp.zeros((b, s), jnp.int32) if cache_segment_ids is None else _token_array(
+  kv_seg = jnp.zeros((b, s), jnp.int32) if cache_segment_ids is None else token_ids(
       owner, "cache_segment_ids", cache_segment_ids, b, s)
   scale = d ** -0.5 if scale is None else scale
   valid = cache_positions <= jnp.max(q_positions, axis=1, keepdims=True)
