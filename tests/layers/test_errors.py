@@ -103,7 +103,7 @@ CALLS = [
         cache=_attention().init_cache(B, 8).replace(length=jnp.int32(3)), positions=_positions()),
      ValueError, r"cannot write 6 tokens into a cache of max_length=8 with 3 slots filled"),
     ("cache_type", lambda: _call(cache={"keys": None}, positions=_positions()), TypeError,
-     r"cache must be a DenseKVCache, RingKVCache or BlockMemoryKVCache .* got dict"),
+     r"Attention: cache must be a DenseKVCache, .*SelectKVCache \(from init_cache\), got dict"),
     ("cache_batch", lambda: _call(cache=DenseKVCache.create(B + 1, 8, 2, 4),
                                   positions=_positions()), ValueError,
      r"cache must have \(batch, kv heads, head dim\) = \(2, 2, 4\) .* got \(3, 2, 4\)"),
