@@ -9,11 +9,12 @@ Schema and validation are pydantic models (``extra="forbid"``), so every field i
 
 from __future__ import annotations
 
-import pathlib
+import os
 from typing import Any, Literal
 
 import pydantic
 import yaml
+from etils import epath
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 Positive = Field(gt=0)
@@ -353,8 +354,14 @@ class Config(_Section):
     return self
 
   @property
-  def output_dir(self) -> pathlib.Path:
-    return pathlib.Path(self.train.output_dir.format(name=self.name))
+  def output_dir(self) -> epath.Path:
+    """The run directory: a local path or a URI such as ``gs://bucket/runs/{name}``."""
+    return epath.Path(self.train.output_dir.format(name=self.name))
+
+
+def is_uri(path: str | os.PathLike) -> bool:
+  """Whether ``path`` is an object store location (``gs://bucket/...``), not a local path."""
+  return "://" in os.fspath(path)
 
 
 # ------------------------------------------------------------------------------------ loading
@@ -402,11 +409,12 @@ def from_dict(tree: dict) -> Config:
     raise ConfigError("invalid config:\n  " + "\n  ".join(lines)) from None
 
 
-def load_config(path: str | pathlib.Path | None, overrides: list[str] = ()) -> Config:
-  """The config in YAML file ``path`` (None: defaults) with ``overrides`` applied."""
+def load_config(path: str | os.PathLike | None, overrides: list[str] = ()) -> Config:
+  """The config in YAML file ``path`` (None: defaults; a URI such as ``gs://`` works) with
+  ``overrides`` applied."""
   tree = {}
   if path is not None:
-    path = pathlib.Path(path)
+    path = epath.Path(path)
     if not path.is_file():
       raise ConfigError(f"--config {str(path)!r}: no such file")
     tree = yaml.safe_load(path.read_text()) or {}

@@ -5,23 +5,27 @@ may donate the buffers), every ``checkpoint.every`` updates, keeping the newest
 ``checkpoint.keep``. Restoring picks the newest checkpoint that reads back; a partially written
 one (orbax's temporary directory, e.g. from a kill -9 during a save) is reported and never loaded,
 and a finalised one that fails to read is reported and skipped for the one before it. Restoring
-takes the target shardings, so a run can resume on a different mesh.
+takes the target shardings, so a run can resume on a different mesh. The directory may be a URI
+(``gs://bucket/run/checkpoints``); every process of a multi-host run passes the same one.
 """
 
 from __future__ import annotations
 
-import pathlib
+import os
 
 import orbax.checkpoint as ocp
+from etils import epath
 
+from lsm.config import is_uri
 from lsm.log import logger
 
 _TMP_SUFFIX = ".orbax-checkpoint-tmp"
 
 
 class Checkpoints:
-  def __init__(self, directory: pathlib.Path, *, every: int, keep: int, async_save: bool):
-    self.directory = pathlib.Path(directory).absolute()
+  def __init__(self, directory: str | os.PathLike, *, every: int, keep: int, async_save: bool):
+    directory = epath.Path(directory)
+    self.directory = directory if is_uri(directory) else directory.absolute()
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, save_interval_steps=every, enable_async_checkpointing=async_save,
         create=True)
@@ -34,7 +38,7 @@ class Checkpoints:
                               data=ocp.args.JsonSave(data_state))
     return self.manager.save(step, args=args, force=force)
 
-  def partial_writes(self) -> list[pathlib.Path]:
+  def partial_writes(self) -> list[epath.Path]:
     return sorted(p for p in self.directory.glob(f"*{_TMP_SUFFIX}*") if p.is_dir())
 
   def restore_latest(self, abstract_state):

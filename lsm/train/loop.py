@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import signal
 
 import jax
@@ -42,11 +43,37 @@ class RunResult:
 
 
 def maybe_initialize_distributed() -> None:
-  """`jax.distributed.initialize()` on a cluster / TPU VM pod; nothing for one process."""
-  import os  # noqa: PLC0415
+  """`jax.distributed.initialize()` when this process is one of several; nothing otherwise.
+
+  On a Cloud TPU VM (jax's import-time TPU set-up exports ``TPU_ML_PLATFORM``), under GKE
+  (``TPU_WORKER_HOSTNAMES``) and SLURM, jax finds the coordinator, process count and id itself.
+  Elsewhere (several processes on one machine, plain VMs) set ``JAX_COORDINATOR_ADDRESS``
+  (host:port of process 0), ``JAX_NUM_PROCESSES`` and ``JAX_PROCESS_ID``.
+  """
   cluster_markers = ("JAX_COORDINATOR_ADDRESS", "TPU_WORKER_HOSTNAMES", "SLURM_NTASKS")
-  if any(os.environ.get(k) for k in cluster_markers) and not jax.distributed.is_initialized():
-    jax.distributed.initialize()
+  on_cloud_tpu_vm = os.environ.get("TPU_ML_PLATFORM") == "JAX"
+  if jax.distributed.is_initialized() or not (
+      on_cloud_tpu_vm or any(os.environ.get(k) for k in cluster_markers)):
+    return
+  num_processes = _env_int("JAX_NUM_PROCESSES", low=1)
+  process_id = _env_int("JAX_PROCESS_ID", low=0)
+  if process_id is not None and num_processes is not None and process_id >= num_processes:
+    raise ConfigError(f"JAX_PROCESS_ID={process_id} must be < JAX_NUM_PROCESSES={num_processes}")
+  jax.distributed.initialize(num_processes=num_processes, process_id=process_id)
+
+
+def _env_int(name: str, *, low: int) -> int | None:
+  """The int in environment variable ``name`` (None when unset)."""
+  raw = os.environ.get(name, "").strip()
+  if not raw:
+    return None
+  try:
+    value = int(raw)
+  except ValueError:
+    value = None
+  if value is None or value < low:
+    raise ConfigError(f"environment variable {name} must be an int >= {low}, got {raw!r}")
+  return value
 
 
 def build_model(config: Config, vocab_size: int, seed: int) -> nnx.Module:

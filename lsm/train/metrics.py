@@ -4,18 +4,23 @@ MFU = model FLOPs per second / the device's matmul peak, measured at start-up on
 (a bf16 product on accelerators, float32 on CPU), so the number means the same on every backend.
 Model FLOPs per token: 6 x (matmul parameters) for forward + backward, plus the attention score
 and value products (``12 x layers x Hq x Dh x visible keys per query``).
+
+The run directory may be a URI (``gs://bucket/run``). Objects in a bucket cannot be appended to,
+so there the JSONL log is rewritten whole, at most once a minute and when the run ends.
 """
 
 from __future__ import annotations
 
 import json
-import pathlib
+import os
 import time
 
 import jax
 import jax.numpy as jnp
+from etils import epath
 
 from lsm.bench.common import matmul_peak
+from lsm.config import is_uri
 
 
 def train_flops_per_token(model_config, vocab_size: int, seq_len: int) -> float:
@@ -45,19 +50,54 @@ def _duration(seconds: float) -> str:
   return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
 
 
+class JsonlLog:
+  """Appends lines to a JSONL file. A file in an object store (``gs://``) cannot be appended to:
+  its lines are kept and the file rewritten, at most every ``rewrite_seconds`` and on `close`."""
+
+  def __init__(self, path: str | os.PathLike, *, rewrite_seconds: float = 60.0):
+    self.path = epath.Path(path)
+    self.rewrite_seconds = rewrite_seconds
+    self._remote = is_uri(self.path)
+    self._text = self.path.read_text() if self._remote and self.path.exists() else ""
+    self._unwritten = False
+    self._rewritten_at = time.monotonic()
+
+  def append(self, line: str) -> None:
+    if not self._remote:
+      with self.path.open("a") as f:
+        f.write(line + "\n")
+      return
+    self._text += line + "\n"
+    self._unwritten = True
+    if time.monotonic() - self._rewritten_at >= self.rewrite_seconds:
+      self.flush()
+
+  def flush(self) -> None:
+    if self._unwritten:
+      self.path.write_text(self._text)
+      self._unwritten = False
+      self._rewritten_at = time.monotonic()
+
+  def close(self) -> None:
+    self.flush()
+
+
 class Reporter:
   """Console, JSONL and TensorBoard output of one run (only process 0 writes)."""
 
-  def __init__(self, output_dir: pathlib.Path, *, total_steps: int, flops_per_token: float,
-               peak_flops: float, tensorboard: bool = True):
+  def __init__(self, output_dir: str | os.PathLike, *, total_steps: int,
+               flops_per_token: float, peak_flops: float, tensorboard: bool = True):
+    output_dir = epath.Path(output_dir)
     self.total_steps = total_steps
     self.flops_per_token = flops_per_token
     self.peak_flops = peak_flops
     self.writes = jax.process_index() == 0
     self.jsonl = output_dir / "metrics.jsonl"
+    self.log_file = None
     self.tb = None
     if self.writes:
       output_dir.mkdir(parents=True, exist_ok=True)
+      self.log_file = JsonlLog(self.jsonl)
       if tensorboard:
         from tensorboardX import SummaryWriter  # noqa: PLC0415 — optional at import time
         self.tb = SummaryWriter(str(output_dir / "tensorboard"))
@@ -78,8 +118,7 @@ class Reporter:
         record["eta_s"] = (self.total_steps - step) * (now - last_time) / (step - last_step)
       self._last = (now, step)
     if self.writes:
-      with self.jsonl.open("a") as f:
-        f.write(json.dumps(record) + "\n")
+      self.log_file.append(json.dumps(record))
       if self.tb is not None:
         for key, value in record.items():
           if key not in ("step", "kind", "time") and isinstance(value, (int, float)):
@@ -103,5 +142,7 @@ class Reporter:
     return " | ".join(parts)
 
   def close(self):
+    if self.log_file is not None:
+      self.log_file.close()
     if self.tb is not None:
       self.tb.close()

@@ -2,9 +2,8 @@
 
 from __future__ import annotations
 
-import pathlib
-
 import jax
+from etils import epath
 
 from lsm import data as lsm_data
 from lsm import parallel
@@ -39,7 +38,7 @@ def load_run(run_dir, overrides: list[str] = ()):
   overrides change that: ``parallel.sequence=8`` shards decoding caches over 8 devices; call the
   model under ``jax.set_mesh(mesh_of(config))``).
   """
-  run_dir = pathlib.Path(run_dir)
+  run_dir = epath.Path(run_dir)
   if not (run_dir / "config.yaml").is_file():
     raise ConfigError(f"--run {str(run_dir)!r}: no config.yaml there; give the directory a "
                       f"`python -m lsm.train` run wrote (train.output_dir)")
