@@ -1,4 +1,4 @@
-"""Every ```python block in the README and docs/ runs."""
+"""Every ```python block in the README and docs/ runs, and the README links every page."""
 
 import pathlib
 import re
@@ -27,3 +27,10 @@ def test_code_block_runs(page, n, code, capsys):
     except ValueError:
       continue
     assert value < 1e-4, f"{page.name}#{n} printed {value}"
+
+
+def test_readme_links_every_page():
+  readme = (ROOT / "README.md").read_text()
+  missing = [page.name for page in sorted((ROOT / "docs").glob("*.md"))
+             if f"](docs/{page.name})" not in readme]
+  assert not missing, f"README.md's Docs list lacks {missing}"
