@@ -167,7 +167,8 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-  task: Literal["passkey", "mqar", "kv_needle", "selective_copy", "listops", "text"] = "passkey"
+  task: Literal["passkey", "mqar", "kv_needle", "selective_copy", "listops", "variable_tracking",
+                "text"] = "passkey"
   seq_len: int = Field(256, gt=1)
   batch_size: int = Field(16, gt=0)  # global, per optimizer update (before accumulation split)
   task_options: dict[str, int | float] = Field(default_factory=dict)

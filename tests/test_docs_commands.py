@@ -19,8 +19,6 @@ from lsm.config import load_config
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
 PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
-# Pages being written in parallel: their commands are skipped until they settle.
-PAGES_BEING_WRITTEN = {"evaluation.md"}
 SHELL_LANGUAGES = {"", "bash", "sh", "shell", "console"}
 LSM_COMMAND = re.compile(r"python3? -m lsm\b")
 PYTHON = re.compile(r"(?:\S*/)?python3?")
@@ -76,9 +74,7 @@ def _cases():
     for number, line in _shell_lines(page):
       if not (LSM_COMMAND.search(line) or CONFIG_PATH.search(line) or SCRIPT_PATH.search(line)):
         continue
-      marks = [pytest.mark.skip(reason=f"{page.name} is being written")] if (
-          page.name in PAGES_BEING_WRITTEN) else []
-      cases.append(pytest.param(line, id=f"{page.relative_to(ROOT)}:{number}", marks=marks))
+      cases.append(pytest.param(line, id=f"{page.relative_to(ROOT)}:{number}"))
   return cases
 
 

@@ -60,7 +60,8 @@ def synthetic_dataset(task: str | SyntheticTask, *, seq_len: int, seed: int,
 
   Args:
     task: a task name (``"passkey"``, ``"mqar"``, ``"kv_needle"``, ``"selective_copy"``,
-      ``"listops"``) or a task object (then no ``difficulty`` arguments).
+      ``"listops"``, ``"variable_tracking"``) or a task object (then no ``difficulty``
+      arguments).
     seq_len: tokens per example (exactly); ask for 2x or 4x the training length to evaluate
       length generalisation.
     seed: a non-negative int; example ``i`` depends only on ``(seed, i)`` (and the task and

@@ -1,5 +1,5 @@
 """The synthetic long-context tasks: passkey, associative recall, key-value needle, selective copy,
-ListOps.
+ListOps, variable tracking.
 
 A task is a frozen dataclass of its difficulty knobs. ``task.sample(rng, seq_len)`` returns
 ``(tokens int32 [seq_len], loss_mask float32 [seq_len])``: the sequence, written in the vocabulary
@@ -15,6 +15,8 @@ Layouts (``...`` is filler; ``[...]`` marks the answer, the loss positions):
   QUERY k1..kL VALUE [v1..vD]``
 - ``SelectiveCopyTask``:     ``BOS noise x1 noise noise x2 ... xn noise COPY [x1..xn]``
 - ``ListOpsTask``:           ``BOS ... [MAX 2 9 [MIN 4 7 ] 0 ] QUERY [9]``
+- ``VariableTrackingTask``:  ``BOS .. KEY a VALUE d1..dD .. KEY b VALUE a .. KEY c VALUE b ..
+  (other chains, interleaved) .. QUERY c VALUE [d1..dD]``
 """
 
 from __future__ import annotations
@@ -33,6 +35,12 @@ def _check_int(task: str, name: str, value, low: int, high: int | None = None) -
   if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < low or (
       high is not None and value > high):
     raise ValueError(f"{task}: {name} must be {allowed}, got {value!r}")
+
+
+def _check_depth(task: str, depth) -> None:
+  if depth is not None and (isinstance(depth, bool) or not isinstance(
+      depth, (int, float, np.integer, np.floating)) or not 0.0 <= depth <= 1.0):
+    raise ValueError(f"{task}: depth must be a number in [0, 1] or None, got {depth!r}")
 
 
 def _check_symbols(task: str, sizes: dict[str, int]) -> None:
@@ -131,9 +139,7 @@ class PasskeyTask(SyntheticTask):
     _check_int(self.name, "num_digits", self.num_digits, 1,
                vocab.NUM_DIGITS if self.unique_digits else None)
     _check_int(self.name, "filler_vocab_size", self.filler_vocab_size, 1, vocab.NUM_SYMBOLS)
-    if self.depth is not None and (isinstance(self.depth, bool) or not isinstance(
-        self.depth, (int, float, np.integer, np.floating)) or not 0.0 <= self.depth <= 1.0):
-      raise ValueError(f"passkey: depth must be a number in [0, 1] or None, got {self.depth!r}")
+    _check_depth(self.name, self.depth)
 
   @property
   def answer_length(self) -> int:
@@ -224,6 +230,10 @@ class KeyValueNeedleTask(SyntheticTask):
     key_length: symbols per key.
     value_length: digits per value.
     key_vocab_size, filler_vocab_size: symbols for keys and for filler.
+    depth: where the needle sits (needle-in-a-haystack grids): that fraction of the filler and
+      of the distractors (rounded) come before it, so it starts within half an entry of
+      ``depth`` times the context around it (0: right after BOS, 1: just before the question);
+      None places every entry at random.
   """
 
   name: ClassVar[str] = "kv_needle"
@@ -232,6 +242,7 @@ class KeyValueNeedleTask(SyntheticTask):
   value_length: int = 4
   key_vocab_size: int = 8
   filler_vocab_size: int = 1
+  depth: float | None = None
 
   def __post_init__(self):
     _check_int(self.name, "key_length", self.key_length, 1)
@@ -241,6 +252,7 @@ class KeyValueNeedleTask(SyntheticTask):
     _check_symbols(self.name, self._sizes())
     _check_int(self.name, "num_distractors", self.num_distractors, 0,
                self.key_length * (self.key_vocab_size - 1))
+    _check_depth(self.name, self.depth)
 
   def _sizes(self) -> dict[str, int]:
     return {"key_vocab_size": self.key_vocab_size, "filler_vocab_size": self.filler_vocab_size}
@@ -268,6 +280,18 @@ class KeyValueNeedleTask(SyntheticTask):
         needle[places] + shifts + 1) % self.key_vocab_size
     return keys
 
+  def _at_depth(self, rng: np.random.Generator, entries: list[np.ndarray],
+                distractors: np.ndarray, filler: np.ndarray) -> np.ndarray:
+    """The needle (``entries[0]``) after ``depth`` of the filler and of the distractors."""
+    cut = round(self.depth * filler.size)
+    before = round(self.depth * distractors.size)
+    cuts = np.concatenate([np.sort(rng.integers(0, cut + 1, size=before)), [cut],
+                           np.sort(rng.integers(cut, filler.size + 1,
+                                                size=distractors.size - before))])
+    blocks = [entries[i] for i in distractors[:before]] + [entries[0]] + [
+        entries[i] for i in distractors[before:]]
+    return _scatter(rng, blocks, filler, cuts)
+
   def sample(self, rng: np.random.Generator, seq_len: int):
     seq_len = self.check_seq_len(seq_len)
     key_symbols, fillers = _symbol_ranges(self._sizes()).values()
@@ -278,7 +302,10 @@ class KeyValueNeedleTask(SyntheticTask):
                for key, value in zip(keys, values)]
     order = rng.permutation(len(entries))
     filler = self._filler(rng, fillers, seq_len - self.min_seq_len)
-    context = _scatter(rng, [entries[i] for i in order], filler)
+    if self.depth is None:
+      context = _scatter(rng, [entries[i] for i in order], filler)
+    else:
+      context = self._at_depth(rng, entries, order[order != 0], filler)
     question = np.concatenate([[vocab.QUERY], key_symbols[needle], [vocab.VALUE]])
     return _assemble(seq_len, context, [(question, False), (values[0], True)])
 
@@ -423,7 +450,70 @@ class ListOpsTask(SyntheticTask):
     return [int(vocab.SYMBOLS[operator]), *tokens, closer], _listops_value(operator, values)
 
 
+@dataclasses.dataclass(frozen=True)
+class VariableTrackingTask(SyntheticTask):
+  """Follow a chain of assignments from a variable back to its value (RULER's variable tracking).
+
+  A chain binds a value (``value_length`` digits) to its first variable and each later variable
+  to the one before: ``KEY a VALUE d1..dD``, ``KEY b VALUE a``, ``KEY c VALUE b`` (``KEY`` reads
+  "variable", ``VALUE`` reads "="). ``num_chains`` chains, every variable name distinct, are
+  interleaved (each keeping its own order) and scattered in filler; the question names the last
+  variable of one chain, and the answer is that chain's value, ``hops`` assignments back.
+
+  Args:
+    hops: variable-to-variable assignments per chain (0: the queried variable holds the value).
+    num_chains: chains in the context; all but the queried one are distractors.
+    value_length: digits per value.
+    name_vocab_size, filler_vocab_size: symbols for variable names and for filler; every chain
+      needs ``hops + 1`` names, so ``num_chains * (hops + 1) <= name_vocab_size``.
+  """
+
+  name: ClassVar[str] = "variable_tracking"
+  hops: int = 3
+  num_chains: int = 2
+  value_length: int = 4
+  name_vocab_size: int = 16
+  filler_vocab_size: int = 1
+
+  def __post_init__(self):
+    _check_int(self.name, "name_vocab_size", self.name_vocab_size, 1)
+    _check_int(self.name, "filler_vocab_size", self.filler_vocab_size, 1)
+    _check_symbols(self.name, self._sizes())
+    _check_int(self.name, "value_length", self.value_length, 1)
+    _check_int(self.name, "num_chains", self.num_chains, 1, self.name_vocab_size)
+    _check_int(self.name, "hops", self.hops, 0, self.name_vocab_size // self.num_chains - 1)
+
+  def _sizes(self) -> dict[str, int]:
+    return {"name_vocab_size": self.name_vocab_size, "filler_vocab_size": self.filler_vocab_size}
+
+  @property
+  def answer_length(self) -> int:
+    return self.value_length
+
+  @property
+  def min_seq_len(self) -> int:
+    chain = 3 + self.value_length + 4 * self.hops
+    return 1 + self.num_chains * chain + 3 + self.value_length
+
+  def sample(self, rng: np.random.Generator, seq_len: int):
+    seq_len = self.check_seq_len(seq_len)
+    name_symbols, fillers = _symbol_ranges(self._sizes()).values()
+    names = rng.choice(name_symbols, size=(self.num_chains, self.hops + 1), replace=False)
+    values = vocab.DIGITS[rng.integers(0, vocab.NUM_DIGITS,
+                                       size=(self.num_chains, self.value_length))]
+    chains = [[np.concatenate([[vocab.KEY, names[c, 0], vocab.VALUE], values[c]])] + [
+        np.asarray([vocab.KEY, names[c, hop], vocab.VALUE, names[c, hop - 1]])
+        for hop in range(1, self.hops + 1)] for c in range(self.num_chains)]
+    # A uniformly random interleaving: the chain each next statement comes from.
+    turns = rng.permutation(np.repeat(np.arange(self.num_chains), self.hops + 1))
+    statements = [chains[c].pop(0) for c in turns]
+    filler = self._filler(rng, fillers, seq_len - self.min_seq_len)
+    context = _scatter(rng, statements, filler)
+    question = np.asarray([vocab.QUERY, names[0, -1], vocab.VALUE])
+    return _assemble(seq_len, context, [(question, False), (values[0], True)])
+
+
 SYNTHETIC_TASKS: dict[str, type[SyntheticTask]] = {
     task.name: task
     for task in (PasskeyTask, AssociativeRecallTask, KeyValueNeedleTask, SelectiveCopyTask,
-                 ListOpsTask)}
+                 ListOpsTask, VariableTrackingTask)}

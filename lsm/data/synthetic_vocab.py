@@ -7,10 +7,10 @@ id        name                        role
 1         ``BOS``                     first token of every example
 2         ``PASSKEY``                 "the pass key is": the hidden digits follow
 3         ``QUERY``                   the question starts: what follows is the query
-4         ``KEY``                     a key starts (key-value needle task)
-5         ``VALUE``                   a value starts (key-value needle task)
+4         ``KEY``                     a key / variable starts (key-value needle, variable tracking)
+5         ``VALUE``                   a value starts; "=" (key-value needle, variable tracking)
 6         ``COPY``                    "copy the data tokens now" (selective copy)
-7 .. 16   ``DIGITS[0] .. DIGITS[9]``  the digits 0-9 (passkeys, key-value needle values)
+7 .. 16   ``DIGITS[0] .. DIGITS[9]``  the digits 0-9 (passkeys, needle and variable values)
 17 .. 63  ``SYMBOLS[0] .. [46]``      content symbols: fillers, keys, values, data, noise
 ========  ==========================  ===================================================
 

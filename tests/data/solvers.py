@@ -128,5 +128,41 @@ def solve_listops(tokens, task):
   return np.asarray([vocab.DIGITS[evaluate_listops(expression)]]), np.asarray([tokens.size - 1])
 
 
+def solve_variable_tracking(tokens, task):
+  """Reads every ``KEY name VALUE rhs`` statement (rhs: digits or a defined name), checks the
+  chains' shape, and follows the queried name back to its digits."""
+  query_at = _only(tokens, vocab.QUERY)
+  is_digit = (tokens >= vocab.FIRST_DIGIT) & (tokens < vocab.FIRST_SYMBOL)
+  bound, covered = {}, np.zeros(tokens.size, bool)
+  for start in np.nonzero(tokens[:query_at] == vocab.KEY)[0].tolist():
+    name = int(tokens[start + 1])
+    assert 0 <= _symbol(name) < task.name_vocab_size and tokens[start + 2] == vocab.VALUE
+    assert name not in bound, f"{vocab.token_name(name)} assigned twice: {vocab.render(tokens)}"
+    if is_digit[start + 3]:
+      rhs = tokens[start + 3:start + 3 + task.value_length]
+      assert np.all(is_digit[start + 3:start + 3 + task.value_length])
+    else:
+      rhs = int(tokens[start + 3])
+      assert rhs in bound, f"{vocab.token_name(rhs)} used before it is assigned"
+    bound[name] = rhs
+    covered[start:start + 3 + (task.value_length if is_digit[start + 3] else 1)] = True
+  filler = _symbol(tokens[1:query_at][~covered[1:query_at]])
+  assert np.all((filler >= task.name_vocab_size) & (
+      filler < task.name_vocab_size + task.filler_vocab_size)), vocab.render(tokens)
+  roots = [name for name, rhs in bound.items() if not isinstance(rhs, int)]
+  assert len(roots) == task.num_chains and len(bound) == task.num_chains * (task.hops + 1)
+  referenced = [rhs for rhs in bound.values() if isinstance(rhs, int)]
+  assert len(set(referenced)) == len(referenced), "a chain branches"
+  name, hops = int(tokens[query_at + 1]), 0
+  assert tokens[query_at + 2] == vocab.VALUE and name not in referenced, "not a chain's end"
+  while isinstance(bound[name], int):
+    name, hops = bound[name], hops + 1
+  assert hops == task.hops
+  answer_at = query_at + 3
+  assert answer_at + task.value_length == tokens.size
+  return bound[name], np.arange(answer_at, tokens.size)
+
+
 SOLVERS = {"passkey": solve_passkey, "mqar": solve_mqar, "kv_needle": solve_kv_needle,
-           "selective_copy": solve_selective_copy, "listops": solve_listops}
+           "selective_copy": solve_selective_copy, "listops": solve_listops,
+           "variable_tracking": solve_variable_tracking}

@@ -1,5 +1,5 @@
 """Synthetic tasks: exact lengths, vocabulary bounds, determinism, answers recoverable (ListOps
-expressions evaluated independently), errors."""
+expressions evaluated and variable chains followed independently), needle depths, errors."""
 
 import sys
 
@@ -71,8 +71,13 @@ def _tasks(draw):
   elif name == "kv_needle":
     key_length, key_vocab = draw(small), draw(st.integers(2, 6))
     knobs = dict(key_length=key_length, key_vocab_size=key_vocab, value_length=draw(small),
-                 filler_vocab_size=draw(small),
+                 filler_vocab_size=draw(small), depth=draw(st.none() | st.floats(0, 1)),
                  num_distractors=draw(st.integers(0, min(12, key_length * (key_vocab - 1)))))
+  elif name == "variable_tracking":
+    names, chains = draw(st.integers(1, 20)), draw(st.integers(1, 4))
+    knobs = dict(name_vocab_size=names, num_chains=min(chains, names),
+                 hops=draw(st.integers(0, names // min(chains, names) - 1)),
+                 value_length=draw(small), filler_vocab_size=draw(small))
   elif name == "listops":
     knobs = dict(max_depth=draw(st.integers(1, 6)), max_args=draw(st.integers(2, 8)),
                  min_fill=draw(st.floats(0.01, 1)), filler_vocab_size=draw(small))
@@ -124,6 +129,69 @@ def test_passkey_depth_places_the_key():
   depths = [int(np.argmax(row["tokens"] == vocab.PASSKEY))
             for row in synthetic_dataset("passkey", seq_len=1000, seed=0, num_examples=30)]
   assert len(set(depths)) > 20, "random depths should spread over the sequence"
+
+
+@pytest.mark.parametrize("seq_len", [300, 2000])
+def test_kv_needle_depth_places_the_needle_among_the_distractors(seq_len):
+  task = synthetic_task("kv_needle", num_distractors=10, depth=0.0)
+  entry = task.min_seq_len // (task.num_distractors + 2)  # KEY k1..k4 VALUE v1..v4
+  context = seq_len - 1 - entry - 4  # around the needle: the entries and the filler before QUERY
+  for depth in (0.0, 0.3, 0.5, 1.0):
+    task = synthetic_task("kv_needle", num_distractors=10, depth=depth)
+    for row in synthetic_dataset(task, seq_len=seq_len, seed=1, num_examples=5):
+      tokens = row["tokens"]
+      expected, _ = SOLVERS["kv_needle"](tokens, task)
+      query_at = int(np.argmax(tokens == vocab.QUERY))
+      needle = tokens[query_at + 1:query_at + 5]
+      starts = np.nonzero(tokens[:query_at] == vocab.KEY)[0]
+      (at,) = [s for s in starts if np.array_equal(tokens[s + 1:s + 5], needle)]
+      np.testing.assert_array_equal(tokens[at + 6:at + 10], expected)
+      assert abs((at - 1) - depth * context) <= entry / 2 + 1, (depth, at)
+      before = int(np.sum(starts < at))
+      assert before == round(depth * 10)  # distractors on both sides, as the depth says
+  # depth None keeps the random placement: the needle anywhere among the entries.
+  places = set()
+  for row in synthetic_dataset("kv_needle", seq_len=300, seed=2, num_examples=40,
+                               num_distractors=10):
+    tokens = row["tokens"]
+    query_at = int(np.argmax(tokens == vocab.QUERY))
+    starts = np.nonzero(tokens[:query_at] == vocab.KEY)[0]
+    places.add([np.array_equal(tokens[s + 1:s + 5], tokens[query_at + 1:query_at + 5])
+                for s in starts].index(True))
+  assert len(places) > 6
+
+
+def test_variable_tracking_hops_and_chains():
+  """The queried chain has `hops` assignments; the other chains have values of their own."""
+  for hops, chains in ((0, 1), (1, 3), (4, 2)):
+    task = synthetic_task("variable_tracking", hops=hops, num_chains=chains)
+    rows = synthetic_dataset(task, seq_len=task.min_seq_len + 30, seed=0, num_examples=20)
+    values = set()
+    for row in rows:
+      tokens = row["tokens"]
+      expected, _ = SOLVERS["variable_tracking"](tokens, task)  # checks hops and chains
+      assert int(np.sum(tokens == vocab.KEY)) == chains * (hops + 1)
+      values.add(tuple(expected.tolist()))
+    assert len(values) == 20
+  # The answer is not simply the first or last value in the context.
+  task = synthetic_task("variable_tracking", hops=2, num_chains=3)
+  first = 0
+  for row in synthetic_dataset(task, seq_len=80, seed=4, num_examples=60):
+    tokens = row["tokens"]
+    value_at = int(np.argmax((tokens >= vocab.FIRST_DIGIT) & (tokens < vocab.FIRST_SYMBOL)))
+    first += np.array_equal(tokens[value_at:value_at + 4], tokens[-4:])
+  assert 5 < first < 45
+
+
+def test_variable_tracking_from_a_config():
+  config = load_config(None, ["data.task=variable_tracking", "data.seq_len=64",
+                              "data.batch_size=4", "data.task_options.hops=1",
+                              "data.task_options.num_chains=3"])
+  batch = next(train_data.build(config).iterator)
+  assert batch["tokens"].shape == (4, 65) and np.all(batch["loss_mask"].sum(axis=1) == 4)
+  for tokens in batch["tokens"]:
+    SOLVERS["variable_tracking"](tokens, synthetic_task("variable_tracking", hops=1,
+                                                        num_chains=3))
 
 
 def test_longer_sequences_keep_the_task():
@@ -232,6 +300,20 @@ def test_listops_from_a_config_and_scored_by_answer_accuracy():
      r"listops: filler_vocab_size must be an int in \[1, 42\], got 43"),
     (lambda: synthetic_dataset("listops", seq_len=6, seed=0), ValueError,
      r"seq_len=6 is too short .* at least 7"),
+    (lambda: synthetic_task("kv_needle", depth=-0.1), ValueError,
+     r"kv_needle: depth must be a number in \[0, 1\] or None, got -0.1"),
+    (lambda: synthetic_task("variable_tracking", hops=8, num_chains=2), ValueError,
+     r"variable_tracking: hops must be an int in \[0, 7\], got 8"),
+    (lambda: synthetic_task("variable_tracking", hops=-1), ValueError,
+     r"hops must be an int in \[0, 7\], got -1"),
+    (lambda: synthetic_task("variable_tracking", num_chains=0), ValueError,
+     r"variable_tracking: num_chains must be an int in \[1, 16\], got 0"),
+    (lambda: synthetic_task("variable_tracking", value_length=0), ValueError,
+     r"variable_tracking: value_length must be an int >= 1, got 0"),
+    (lambda: synthetic_task("variable_tracking", name_vocab_size=47), ValueError,
+     r"name_vocab_size=47 \+ filler_vocab_size=1 = 48 symbols"),
+    (lambda: synthetic_dataset("variable_tracking", seq_len=30, seed=0), ValueError,
+     r"seq_len=30 is too short .* at least 46"),
 ], ids=lambda x: x if isinstance(x, str) else None)
 def test_bad_arguments_name_the_argument(call, error, pattern):
   with pytest.raises(error, match=pattern):

@@ -4,46 +4,26 @@ policies map from budgets as documented, the CLI writes JSON and PNG."""
 
 import json
 
-import jax
-import numpy as np
 import pytest
-from flax import nnx
 
-from lsm import data as lsm_data
 from lsm import layers
-from lsm.config import Config
 from lsm.eval import kv_budget
-from lsm.models import LM
 from lsm.train.data import synthetic_eval_batches
-from lsm.train.step import loss_sums
-
-LENGTH = 48
+from tests.eval.helpers import LENGTH, reference_scores
 
 
-@pytest.fixture(scope="module")
-def setup():
-  config = Config.model_validate({
-      "model": dict(d_model=32, num_layers=2, num_heads=4, num_kv_heads=2),
-      "data": dict(task="passkey", seq_len=LENGTH, task_options=dict(num_digits=3))})
-  with nnx.use_eager_sharding(False):
-    model = LM(config.model, vocab_size=lsm_data.SYNTHETIC_VOCAB_SIZE, rngs=nnx.Rngs(0))
-  return model, config
-
-
-def test_full_cache_row_equals_the_forward_pass_and_roomy_budgets_equal_it(setup):
-  model, config = setup
+def test_full_cache_row_equals_the_forward_pass_and_roomy_budgets_equal_it(tiny):
+  model, config = tiny
   rows = kv_budget.evaluate_budgets(model, config, task="passkey", length=LENGTH,
                                     budgets=[LENGTH], policies=("heavy_hitter", "snapkv"),
                                     examples=12, batch_size=6, progress=lambda _: None)
-  exact = correct = count = 0
-  for batch in synthetic_eval_batches("passkey", seq_len=LENGTH, seed=0, examples=12,
-                                      batch_size=6, task_options=dict(num_digits=3)):
-    _, n, c, e = jax.device_get(loss_sums(model, batch))
-    exact, correct, count = exact + e.sum(), correct + c, count + n
+  reference = reference_scores(model, synthetic_eval_batches(
+      "passkey", seq_len=LENGTH, seed=0, examples=12, batch_size=6,
+      task_options=dict(num_digits=3)))
   full = rows[0]
   assert full["policy"] == "full" and full["examples"] == 12
-  assert full["exact_match"] == exact / 12
-  assert full["token_accuracy"] == pytest.approx(correct / count)
+  assert full["exact_match"] == reference["exact_match"]
+  assert full["token_accuracy"] == pytest.approx(reference["token_accuracy"])
   assert 0 < full["token_accuracy"] < 1  # an untrained model: some right, some wrong
   for row in rows[1:]:
     assert (row["exact_match"], row["token_accuracy"]) == (full["exact_match"],
@@ -65,10 +45,9 @@ def test_budgets_map_to_policies():
       kv_budget.policy_for(name, budget)
 
 
-def test_cli_writes_json_and_png(tmp_path, setup, monkeypatch):
+def test_cli_writes_json_and_png(tmp_path, tiny, fake_runs):
   from lsm import evaluate  # noqa: PLC0415
-  model, config = setup
-  monkeypatch.setattr("lsm.train.restore.load_run", lambda run, overrides=(): (model, config, 7))
+  fake_runs({str(tmp_path): tiny})
   assert evaluate.main(["--run", str(tmp_path), "--kv-budgets", "24", "--policies",
                         "block_select,sink_window", "--examples", "6"]) == 0
   result = json.loads((tmp_path / "eval-kv-budget-passkey.json").read_text())
