@@ -264,6 +264,8 @@ class SinkWindowConfig(_Section):
   """Fixed-budget cache: the first ``sink_tokens`` and the last ``window`` tokens."""
   sink_tokens: int = Field(4, ge=0)
   window: int = Field(1024, gt=0)
+  # stored: true positions; renumbered: positions within the cache, as StreamingLLM
+  positions: Literal["stored", "renumbered"] = "stored"
 
 
 class HeavyHitterConfig(_Section):

@@ -174,6 +174,9 @@ class AssociativeRecallTask(SyntheticTask):
     num_pairs: key-value pairs in the context (at most ``key_vocab_size``).
     num_queries: keys asked about (at most ``num_pairs``).
     key_vocab_size, value_vocab_size, filler_vocab_size: symbols for each role.
+    context_repeats: the context (pairs and filler) appears this many times in a row before
+      the queries ("Just read twice", Arora et al. 2024); the filler is split between the
+      copies, any remainder goes first.
   """
 
   name: ClassVar[str] = "mqar"
@@ -182,6 +185,7 @@ class AssociativeRecallTask(SyntheticTask):
   key_vocab_size: int = 16
   value_vocab_size: int = 16
   filler_vocab_size: int = 1
+  context_repeats: int = 1
 
   def __post_init__(self):
     for field in ("key_vocab_size", "value_vocab_size", "filler_vocab_size"):
@@ -189,6 +193,7 @@ class AssociativeRecallTask(SyntheticTask):
     _check_symbols(self.name, self._sizes())
     _check_int(self.name, "num_pairs", self.num_pairs, 1, self.key_vocab_size)
     _check_int(self.name, "num_queries", self.num_queries, 1, self.num_pairs)
+    _check_int(self.name, "context_repeats", self.context_repeats, 1)
 
   def _sizes(self) -> dict[str, int]:
     return {"key_vocab_size": self.key_vocab_size, "value_vocab_size": self.value_vocab_size,
@@ -200,15 +205,19 @@ class AssociativeRecallTask(SyntheticTask):
 
   @property
   def min_seq_len(self) -> int:
-    return 2 + 2 * self.num_pairs + 2 * self.num_queries
+    return 2 + 2 * self.num_pairs * self.context_repeats + 2 * self.num_queries
 
   def sample(self, rng: np.random.Generator, seq_len: int):
     seq_len = self.check_seq_len(seq_len)
     keys, values, fillers = _symbol_ranges(self._sizes()).values()
     pair_keys = rng.choice(keys, size=self.num_pairs, replace=False)
     pair_values = values[rng.integers(0, values.size, size=self.num_pairs)]
-    filler = self._filler(rng, fillers, seq_len - self.min_seq_len)
+    spare, repeats = seq_len - self.min_seq_len, self.context_repeats
+    filler = self._filler(rng, fillers, spare // repeats)
     context = _scatter(rng, [np.asarray(pair) for pair in zip(pair_keys, pair_values)], filler)
+    if repeats > 1:
+      context = np.concatenate([self._filler(rng, fillers, spare % repeats).astype(np.int32),
+                                *[context] * repeats])
     asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
     answer = [(np.asarray([vocab.QUERY]), False)]
     for pair in asked:

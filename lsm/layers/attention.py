@@ -14,10 +14,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention
+from lsm.kernels.attention import IMPLEMENTATIONS, Mask, attention, merge
 from lsm.layers import checks
 from lsm.layers.block_memory import BlockMemoryKVCache, BlockMemoryPolicy
-from lsm.layers.kv_cache import DenseKVCache, RingKVCache
+from lsm.layers.kv_cache import EMPTY_POSITION, DenseKVCache, RingKVCache
 from lsm.layers.kv_policies import (BUDGET_POLICIES, BlockSelectPolicy, ScoredKVCache,
                                     SelectKVCache, SinkWindowPolicy)
 from lsm.layers.projections import add_attention_projections
@@ -124,7 +124,8 @@ class Attention(nnx.Module):
                          f"(window={self.window} bounds the cache already); give policy=None")
       if isinstance(policy, SinkWindowPolicy):
         return RingKVCache.create(batch_size, self.num_kv_heads, self.head_dim, dtype,
-                                  window=policy.window, sink_tokens=policy.sink_tokens)
+                                  window=policy.window, sink_tokens=policy.sink_tokens,
+                                  renumber_sinks=policy.positions == "renumbered")
       if isinstance(policy, BlockSelectPolicy):
         return SelectKVCache(dense=DenseKVCache.create(batch_size, max_length, self.num_kv_heads,
                                                        self.head_dim, dtype), policy=policy)
@@ -158,10 +159,14 @@ class Attention(nnx.Module):
       positions = np.broadcast_to(permutation(t, shards, self.context_parallel.layout), (b, t))
     rope_positions = np.broadcast_to(np.arange(t), (b, t)) if positions is None else positions
     q_BTHK, k_BTGK, v_BTGK = self._project(x_BTD)
+    q_raw_BTHK = q_BTHK
     q_BTHK, k_BTGK = (self._rope(z, rope_positions) for z in (q_BTHK, k_BTGK))
 
     mask = self.mask
     if isinstance(cache, RingKVCache) and self.window is None:  # a SinkWindowPolicy cache
+      if cache.renumber_sinks and cache.sink_tokens:
+        return self._renumbered_sinks(q_raw_BTHK, q_BTHK, k_BTGK, v_BTGK, positions,
+                                      segment_ids, cache)
       mask = SinkWindowPolicy(sink_tokens=cache.sink_tokens, window=cache.window).mask()
     common = dict(mask=mask, logits_soft_cap=self.logits_soft_cap,
                   implementation=self.implementation)
@@ -192,6 +197,40 @@ class Attention(nnx.Module):
                          implementation=self.implementation)
     y_BTD = self._output(out_BTHK)
     return y_BTD if cache is None else (y_BTD, cache)
+
+  def _renumbered_sinks(self, q_raw_BTHK, q_BTHK, k_BTGK, v_BTGK, positions, segment_ids,
+                        cache: RingKVCache):
+    """A sink + window cache read at cache-relative positions (`SinkWindowPolicy`): the window
+    part with the true queries, the sinks with each query rotated at ``min(p, S + W)``, merged
+    by their log-sum-exps."""
+    s, w = cache.sink_tokens, cache.window
+    sinks = dict(keys=cache.keys[:, :s], values=cache.values[:, :s],
+                 positions=cache.positions[:, :s], segment_ids=cache.segment_ids[:, :s])
+    (k_BSGK, v_BSGK, kv_positions, kv_segment_ids), cache = cache.append(
+        k_BTGK, v_BTGK, positions, segment_ids)
+    common = dict(logits_soft_cap=self.logits_soft_cap, implementation=self.implementation,
+                  return_lse=True)
+    window = attention(q_BTHK, k_BSGK.astype(self.dtype), v_BSGK.astype(self.dtype),
+                       mask=Mask(causal=True, window=(w, 0)), q_positions=positions,
+                       kv_positions=kv_positions, q_segment_ids=segment_ids,
+                       kv_segment_ids=kv_segment_ids, **common)
+    # Sink candidates: the cache's sink slots and the chunk's first S tokens (a first chunk
+    # holds its own sinks); any that is not a sink (position >= S) is hidden as empty.
+    head = min(s, k_BTGK.shape[1])
+    sink_k, sink_v, sink_pos, sink_seg = (
+        jnp.concatenate([old, new[:, :head].astype(old.dtype)], axis=1)
+        for old, new in ((sinks["keys"], k_BTGK), (sinks["values"], v_BTGK),
+                         (sinks["positions"], positions), (sinks["segment_ids"], segment_ids)))
+    sink_pos = jnp.where(sink_pos < s, sink_pos, EMPTY_POSITION)
+    q_sink_BTHK = self._rope(q_raw_BTHK, jnp.minimum(positions, s + w))
+    # A sink is read here only once it has left the window (key position < p - W): causal on
+    # the query position shifted back by W + 1.
+    sink = attention(q_sink_BTHK, sink_k.astype(self.dtype), sink_v.astype(self.dtype),
+                     mask=Mask(causal=True), q_positions=positions - w - 1,
+                     kv_positions=sink_pos, q_segment_ids=segment_ids, kv_segment_ids=sink_seg,
+                     **common)
+    out_BTHK, _ = merge([window, sink])
+    return self._output(out_BTHK), cache
 
   def _check_call(self, x_BTD, positions, segment_ids, cache):
     """Checks a call's arguments (errors name the class); returns positions and segment ids as

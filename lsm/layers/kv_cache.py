@@ -100,10 +100,12 @@ class RingKVCache:
   segment_ids: jax.Array
   window: int = struct.field(pytree_node=False)
   sink_tokens: int = struct.field(pytree_node=False)
+  # Read the sinks at cache-relative positions (`SinkWindowPolicy(positions="renumbered")`).
+  renumber_sinks: bool = struct.field(pytree_node=False, default=False)
 
   @classmethod
   def create(cls, batch_size: int, num_kv_heads: int, head_dim: int, dtype=jnp.float32, *,
-             window: int, sink_tokens: int = 0) -> RingKVCache:
+             window: int, sink_tokens: int = 0, renumber_sinks: bool = False) -> RingKVCache:
     window = checks.positive_int("RingKVCache", "window", window)
     if isinstance(sink_tokens, bool) or not isinstance(sink_tokens, (int, np.integer)) or (
         sink_tokens < 0):
@@ -111,7 +113,7 @@ class RingKVCache:
                        f"{sink_tokens!r}")
     size = int(sink_tokens) + window
     return cls(**_empty("RingKVCache", batch_size, size, num_kv_heads, head_dim, dtype),
-               window=window, sink_tokens=int(sink_tokens))
+               window=window, sink_tokens=int(sink_tokens), renumber_sinks=bool(renumber_sinks))
 
   def slots(self, positions):
     """The ring slot of each position."""

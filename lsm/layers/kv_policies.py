@@ -6,7 +6,8 @@ keeps at most the budget of them:
 
 - `SinkWindowPolicy` (StreamingLLM, Xiao et al. 2023): the first ``sink_tokens`` and the last
   ``window`` tokens — a `RingKVCache` of ``sink_tokens + window`` slots, read with the mask
-  ``Mask(causal, window=(window, 0), sink_tokens)`` on true positions.
+  ``Mask(causal, window=(window, 0), sink_tokens)`` on true positions, or with the sinks'
+  positions renumbered within the cache (``positions="renumbered"``, as StreamingLLM does).
 - `HeavyHitterPolicy` (H2O, Zhang et al. 2023; Keyformer-style accumulated scores): every stored
   token accumulates the attention probability it receives (summed over the queries of each call
   and the query heads of its KV head); when more than ``budget`` tokens are held, the non-recent
@@ -27,8 +28,9 @@ keeps at most the budget of them:
   ``(sink_blocks + local_blocks + top_k) * block_size`` keys, not on what is stored.
 
 Keys are stored as the layer caches them (rotated at their true positions); positions are never
-renumbered. `ScoredKVCache` holds the last two; each stores ``budget`` slots per KV head, and a
-call of t tokens attends at most ``budget + t`` keys.
+renumbered, except by a `SinkWindowPolicy` with ``positions="renumbered"`` (its docstring).
+`ScoredKVCache` holds the last two; each stores ``budget`` slots per KV head, and a call of t
+tokens attends at most ``budget + t`` keys.
 """
 
 from __future__ import annotations
@@ -57,15 +59,26 @@ def _count(owner, name, value, low):
 
 @dataclasses.dataclass(frozen=True)
 class SinkWindowPolicy:
-  """Keep the first ``sink_tokens`` and the last ``window`` tokens (StreamingLLM)."""
+  """Keep the first ``sink_tokens`` and the last ``window`` tokens (StreamingLLM).
+
+  ``positions``: ``"stored"`` reads every kept key at its true position; ``"renumbered"`` reads
+  them at their positions within the cache, as StreamingLLM does: the window keeps its true
+  distances from the query, and a query at position ``p`` sees the sinks as if it stood at
+  ``min(p, sink_tokens + window)`` — so a sink is never further than ``sink_tokens + window``
+  positions away, however long the stream (RoPE distances stay within what training saw).
+  """
 
   sink_tokens: int = 4
   window: int = 1024
+  positions: str = "stored"
 
   def __post_init__(self):
     object.__setattr__(self, "sink_tokens",
                        _count("SinkWindowPolicy", "sink_tokens", self.sink_tokens, 0))
     object.__setattr__(self, "window", _count("SinkWindowPolicy", "window", self.window, 1))
+    if self.positions not in ("stored", "renumbered"):
+      raise ValueError(f"SinkWindowPolicy: positions must be 'stored' or 'renumbered', got "
+                       f"{self.positions!r}")
 
   @property
   def budget(self) -> int:

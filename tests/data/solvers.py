@@ -33,7 +33,9 @@ def solve_mqar(tokens, task):
   query_at = _only(tokens, vocab.QUERY)
   symbols = _symbol(tokens[1:query_at])
   content = symbols[symbols < task.key_vocab_size + task.value_vocab_size]
-  keys, values = content[0::2], content[1::2]
+  copies = np.split(content, task.context_repeats)  # "read twice": identical copies in a row
+  assert all(np.array_equal(copy, copies[0]) for copy in copies)
+  keys, values = copies[0][0::2], copies[0][1::2]
   assert np.all(keys < task.key_vocab_size) and np.all(values >= task.key_vocab_size)
   assert keys.size == task.num_pairs and len(set(keys.tolist())) == task.num_pairs
   value_of = dict(zip(keys.tolist(), values.tolist()))

@@ -67,7 +67,8 @@ def _tasks(draw):
     keys = draw(st.integers(1, 12))
     pairs = draw(st.integers(1, keys))
     knobs = dict(key_vocab_size=keys, value_vocab_size=draw(small), filler_vocab_size=draw(small),
-                 num_pairs=pairs, num_queries=draw(st.integers(1, pairs)))
+                 num_pairs=pairs, num_queries=draw(st.integers(1, pairs)),
+                 context_repeats=draw(st.integers(1, 3)))
   elif name == "kv_needle":
     key_length, key_vocab = draw(small), draw(st.integers(2, 6))
     knobs = dict(key_length=key_length, key_vocab_size=key_vocab, value_length=draw(small),
@@ -284,6 +285,8 @@ def test_listops_from_a_config_and_scored_by_answer_accuracy():
      r"num_pairs must be an int in \[1, 16\], got 20"),
     (lambda: synthetic_task("mqar", num_queries=9, num_pairs=8), ValueError,
      r"num_queries must be an int in \[1, 8\], got 9"),
+    (lambda: synthetic_task("mqar", context_repeats=0), ValueError,
+     r"context_repeats must be an int >= 1, got 0"),
     (lambda: synthetic_task("mqar", key_vocab_size=30, value_vocab_size=30), ValueError,
      r"key_vocab_size=30 \+ value_vocab_size=30 \+ filler_vocab_size=1 = 61 symbols"),
     (lambda: synthetic_task("kv_needle", num_distractors=30, key_length=4, key_vocab_size=8),
@@ -324,3 +327,16 @@ def test_source_rejects_indices_outside_the_dataset():
   source = SyntheticSource(PasskeyTask(), seq_len=64, seed=0, num_examples=4)
   with pytest.raises(IndexError, match=r"index must be an int in \[0, 4\), got 4"):
     source[4]
+
+
+def test_mqar_read_twice_repeats_the_whole_context():
+  once = synthetic_task("mqar", num_pairs=6, num_queries=3)
+  twice = synthetic_task("mqar", num_pairs=6, num_queries=3, context_repeats=2)
+  assert twice.min_seq_len == once.min_seq_len + 12
+  tokens, mask = twice.sample(np.random.default_rng(5), 61)
+  query_at = int(np.flatnonzero(tokens == vocab.QUERY)[0])
+  context = tokens[1:query_at]
+  leftover = (61 - twice.min_seq_len) % 2
+  first, second = np.split(context[leftover:], 2)
+  np.testing.assert_array_equal(first, second)
+  assert mask.sum() == 3 and tokens.size == 61

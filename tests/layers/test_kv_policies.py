@@ -70,6 +70,43 @@ def test_sink_window_policy_on_a_full_attention_layer_equals_a_windowed_layer():
   assert float(jnp.max(jnp.abs(full - want))) > 1e-3  # the window matters here
 
 
+def test_renumbered_sinks_follow_streamingllm_positions():
+  """positions="renumbered": each query p attends the window at true distances and the sinks
+  as if it stood at min(p, S + W) (StreamingLLM's positions within the cache) — checked against
+  a float64 softmax over exactly those keys at those rotary positions."""
+  from lsm.layers.rope import apply_rope  # noqa: PLC0415
+  layer, (sinks, window) = _layer(), (2, 5)
+  x = _x(4)
+  got, cache = _decode(layer, x, SinkWindowPolicy(sink_tokens=sinks, window=window,
+                                                  positions="renumbered"), prefill=3)
+  assert cache.keys.shape[1] == sinks + window
+  q, k, v = layer._project(x)
+
+  def rotated(z, position):
+    return np.asarray(apply_rope(z[:, None], jnp.full((z.shape[0], 1), position)), np.float64)[:, 0]
+
+  group = HEADS // KV_HEADS
+  want = np.zeros((2, T, HEADS, HEAD_DIM))
+  for p in range(T):
+    here = min(p, sinks + window)
+    kept = [(j, j) for j in range(min(sinks, p - window))]  # sinks out of the window
+    kept += [(i, here - (p - i)) for i in range(max(0, p - window), p + 1)]
+    q_p = rotated(q[:, p], here)  # [B, H, K]
+    keys = np.stack([rotated(k[:, i], at) for i, at in kept], 1)  # [B, n, G, K]
+    values = np.asarray(v, np.float64)[:, [i for i, _ in kept]]
+    keys, values = np.repeat(keys, group, axis=2), np.repeat(values, group, axis=2)
+    scores = np.einsum("bhk,bnhk->bhn", q_p, keys) / np.sqrt(HEAD_DIM)
+    weights = np.exp(scores - scores.max(-1, keepdims=True))
+    weights /= weights.sum(-1, keepdims=True)
+    want[:, p] = np.einsum("bhn,bnhk->bhk", weights, values)
+  want = np.einsum("bthk,hkd->btd", want, np.asarray(layer.out[...], np.float64))
+  assert_close(got, want, what="renumbered sink + window vs float64")
+  stored, _ = _decode(layer, x, SinkWindowPolicy(sink_tokens=sinks, window=window), prefill=3)
+  late = sinks + window + 1  # from here on the two numberings differ
+  np.testing.assert_allclose(stored[:, :late], got[:, :late], atol=1e-5)
+  assert float(jnp.max(jnp.abs(stored[:, late:] - got[:, late:]))) > 1e-3
+
+
 @pytest.mark.parametrize("policy", [HeavyHitterPolicy(budget=T, recent=3),
                                     SnapKVPolicy(budget=T, observation_window=4, pool_kernel=3),
                                     BlockSelectPolicy(block_size=4, top_k=6)],
