@@ -186,8 +186,8 @@ def evaluate_lengths_claim(claim: Claim, runs_dir: pathlib.Path, progress=print)
   for key, run in claim.runs.items():
     run_dir = runs_dir / claim.name / key
     for options in spec.sweep or [{}]:
-      _, config, _ = load_run(run_dir, [*run.eval_overrides,
-                                        *(f"data.task_options.{k}={v}" for k, v in options.items())])
+      sweep = [f"data.task_options.{k}={v}" for k, v in options.items()]
+      _, config, _ = load_run(run_dir, [*run.eval_overrides, *sweep])
       task = spec.task or config.data.task
       for scaling in run.rope_scalings or spec.rope_scalings:
         lengths = spec.lengths if scaling == "none" else [
