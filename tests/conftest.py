@@ -4,9 +4,16 @@ import gc
 import os
 
 # Must happen before jax is imported anywhere, so multi-device tests run on one CPU.
-_DEVICE_COUNT_FLAG = "--xla_force_host_platform_device_count=8"
-if _DEVICE_COUNT_FLAG not in os.environ.get("XLA_FLAGS", "").split():
-  os.environ["XLA_FLAGS"] = f"{os.environ.get('XLA_FLAGS', '')} {_DEVICE_COUNT_FLAG}".strip()
+# The suite is compile-bound (thousands of small programs): LLVM's backend optimisations are
+# turned down (HLO passes, and so the programs' semantics, collectives and memory plans, are
+# untouched), which cuts CPU compile time by about a fifth. Flags the caller set win.
+_TEST_FLAGS = {"--xla_force_host_platform_device_count": "8",
+               "--xla_backend_optimization_level": "0",
+               "--xla_llvm_disable_expensive_passes": "true"}
+_given = {flag.split("=")[0] for flag in os.environ.get("XLA_FLAGS", "").split()}
+os.environ["XLA_FLAGS"] = " ".join(
+    [os.environ.get("XLA_FLAGS", ""), *(f"{k}={v}" for k, v in _TEST_FLAGS.items()
+                                        if k not in _given)]).strip()
 
 import jax  # noqa: E402
 import pytest  # noqa: E402
