@@ -87,13 +87,15 @@ def _init_cache(graphdef, params, batch, max_length, dtype, policy):
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _prefill(graphdef, params, tokens, positions, cache):
+def prefill_call(graphdef, params, tokens, positions, cache):
+  """One jitted prefill chunk: (last position's logits, cache); the cache is donated."""
   logits, cache = nnx.merge(graphdef, params).decode(tokens, positions=positions, cache=cache)
   return logits[:, -1], cache
 
 
 @functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _step(graphdef, params, token, position, cache):
+def step_call(graphdef, params, token, position, cache):
+  """One jitted decoding step of one token per row: (logits, cache); the cache is donated."""
   logits, cache = nnx.merge(graphdef, params).decode(token[:, None], positions=position[:, None],
                                                      cache=cache)
   return logits[:, 0], cache
@@ -168,7 +170,8 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
     chunk = tokens[:, start:start + prefill_chunk]
     positions = np.broadcast_to(np.arange(start, start + chunk.shape[1], dtype=np.int32),
                                 chunk.shape)
-    logits, cache = _prefill(graphdef, params, jnp.asarray(chunk), jnp.asarray(positions), cache)
+    logits, cache = prefill_call(graphdef, params, jnp.asarray(chunk), jnp.asarray(positions),
+                                 cache)
   jax.block_until_ready(logits)
   prefill_s = time.perf_counter() - started
 
@@ -199,8 +202,8 @@ def generate(model: nnx.Module, prompts, *, max_new_tokens: int, temperature: fl
         done[i] = int(token[i]) in stop or len(out[i]) >= max_new_tokens
     if done.all() or n == steps - 1:
       break
-    logits, cache = _step(graphdef, params, jnp.asarray(token),
-                          jnp.full((b,), common + n, jnp.int32), cache)
+    logits, cache = step_call(graphdef, params, jnp.asarray(token),
+                              jnp.full((b,), common + n, jnp.int32), cache)
   jax.block_until_ready(logits)
   return Generation(tokens=out, prefill_s=prefill_s, decode_s=time.perf_counter() - started,
                     decode_steps=n + 1, batch_size=b)

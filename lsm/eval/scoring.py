@@ -19,6 +19,7 @@ import numpy as np
 from flax import nnx
 
 from lsm.decode import cache_policy_of, landmark_layout
+from lsm.decode.generate import prefill_call, step_call
 from lsm.layers import CACHE_POLICIES
 from lsm.train.step import loss_sums, shifted
 
@@ -69,17 +70,6 @@ def empty_cache(model: nnx.Module, batch_size: int, max_length: int, policy=None
   return _init_cache(graphdef, state, batch_size, max_length, policy)
 
 
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _prefill(graphdef, state, tokens, positions, cache):
-  logits, cache = nnx.merge(graphdef, state).decode(tokens, positions=positions, cache=cache)
-  return logits[:, -1], cache
-
-
-@functools.partial(jax.jit, static_argnums=0, donate_argnums=4)
-def _step(graphdef, state, token, position, cache):
-  logits, cache = nnx.merge(graphdef, state).decode(token[:, None], positions=position[:, None],
-                                                    cache=cache)
-  return logits[:, 0], cache
 
 
 def _answer_start(weights) -> int:
@@ -151,14 +141,14 @@ class Scoring:
       stop = int(np.max(np.nonzero(weights.any(0))[0])) + 1  # past the last answer token
       b, length = inputs.shape
       cache = _init_cache(graphdef, state, b, length, self.policy)
-      logits, cache = _prefill(graphdef, state, jnp.asarray(inputs[:, :start + 1]),
-                               jnp.asarray(positions[:, :start + 1]), cache)
+      logits, cache = prefill_call(graphdef, state, jnp.asarray(inputs[:, :start + 1]),
+                                   jnp.asarray(positions[:, :start + 1]), cache)
       right = np.ones(b, bool)
       correct = loss_sum = 0.0
       for i in range(start, stop):
         if i > start:
-          logits, cache = _step(graphdef, state, jnp.asarray(inputs[:, i]),
-                                jnp.asarray(positions[:, i]), cache)
+          logits, cache = step_call(graphdef, state, jnp.asarray(inputs[:, i]),
+                                    jnp.asarray(positions[:, i]), cache)
         logits = np.asarray(logits, np.float64)
         logp = logits - np.logaddexp.reduce(logits, axis=-1, keepdims=True)
         answer = weights[:, i] > 0

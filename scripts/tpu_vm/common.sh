@@ -273,3 +273,13 @@ deploy_code() {
   fi
   gcloud_tpus tpu-vm ssh "$NAME" --worker=all --command="$(join_by ' && ' "${steps[@]}")"
 }
+
+# Parses arguments that must all be common options (create, deploy, delete), then checks them.
+parse_only_common_options() {
+  while [ $# -gt 0 ]; do
+    common_option "$@"
+    [ "$SHIFT" -gt 0 ] || die "unknown argument '$1' (see --help)"
+    shift "$SHIFT"
+  done
+  check_common_options
+}

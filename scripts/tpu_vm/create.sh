@@ -7,12 +7,7 @@ USAGE="Usage: bash scripts/tpu_vm/create.sh [options]
 Creates the TPU VM NAME; with --queued, the queued resource NAME (its TPU VM is also called NAME)
 and waits until capacity is granted. Next: deploy.sh, then train.sh."
 
-while [ $# -gt 0 ]; do
-  common_option "$@"
-  [ "$SHIFT" -gt 0 ] || die "unknown argument '$1' (see --help)"
-  shift "$SHIFT"
-done
-check_common_options
+parse_only_common_options "$@"
 create_tpu
 wait_until_active
 log "$NAME is up; next: bash scripts/tpu_vm/deploy.sh $(quote_all "${WHERE_ARGS[@]}")"

@@ -8,10 +8,5 @@ USAGE="Usage: bash scripts/tpu_vm/delete.sh [options]
 Deletes the TPU VM NAME, or with --queued the queued resource NAME and its TPU VM. A TPU is billed
 until it is deleted, whether or not it is training."
 
-while [ $# -gt 0 ]; do
-  common_option "$@"
-  [ "$SHIFT" -gt 0 ] || die "unknown argument '$1' (see --help)"
-  shift "$SHIFT"
-done
-check_common_options
+parse_only_common_options "$@"
 delete_tpu

@@ -9,10 +9,5 @@ included) to ~/lsm on every worker (--worker=all) and installs it into ~/lsm/.ve
 --python via uv, lsm with jax[tpu], gcsfs and google-cloud-storage. Rerun it after changing code;
 the virtual environment is kept."
 
-while [ $# -gt 0 ]; do
-  common_option "$@"
-  [ "$SHIFT" -gt 0 ] || die "unknown argument '$1' (see --help)"
-  shift "$SHIFT"
-done
-check_common_options
+parse_only_common_options "$@"
 deploy_code
