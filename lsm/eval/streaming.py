@@ -17,8 +17,10 @@ Cache policies, by name (`policies_named`):
 The stream (`token_streams`): for a text run the end of its corpus (the held-out rows come from
 there), documents joined with their BOS / EOS; for a synthetic run, fresh examples of its task at
 the training length, one after another (each starts with BOS). Positions are the true stream
-positions — the caches never renumber them (StreamingLLM renumbers within the cache), so the sinks
-sit at RoPE distances up to the stream length.
+positions. By default (``decode.sink_window.positions=stored``) the caches keep them, so the sinks
+sit at RoPE distances up to the stream length; with ``positions=renumbered`` the ``window`` and
+``sink_window`` caches read keys at positions within the cache, as StreamingLLM does. A policy's
+``settings`` in the JSON record which.
 
 Decoding runs ``chunk`` tokens per jitted call (a `lax.scan` of single-token `decode` steps with
 the cache in the carry, donated between calls), compiled once per policy: the shapes never change.

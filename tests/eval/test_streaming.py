@@ -129,7 +129,8 @@ def test_cli_writes_a_line_per_policy(tmp_path, tiny, fake_runs, capsys):
   assert "full: 96/96 tokens" in out and "| 73-96 |" in out
   result = json.loads((tmp_path / "eval-streaming-passkey.json").read_text())
   assert [p["name"] for p in result["policies"]] == ["full", "window"]
-  assert result["policies"][1]["settings"] == {"sink_tokens": 0, "window": 16}
+  assert result["policies"][1]["settings"] == {"sink_tokens": 0, "window": 16,
+                                                 "positions": "stored"}
   assert [len(p["buckets"]) for p in result["policies"]] == [4, 4]
   assert result["length"] == STREAM and result["train_length"] == LENGTH
   assert (tmp_path / "eval-streaming-passkey.png").stat().st_size > 0

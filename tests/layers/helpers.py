@@ -2,6 +2,7 @@
 
 import jax.numpy as jnp
 import numpy as np
+from flax import nnx
 
 TOLERANCE = {jnp.dtype(jnp.float32): 1e-5, jnp.dtype(jnp.bfloat16): 2e-2}
 
@@ -19,3 +20,15 @@ def assert_close(x, ref, dtype=jnp.float32, what: str = "output"):
   err = normalised_error(x, ref)
   tol = TOLERANCE[jnp.dtype(dtype)]
   assert err <= tol, f"{what}: normalised error {err:.3g} > {tol:g} ({jnp.dtype(dtype).name})"
+
+
+@nnx.jit
+def forward(layer, x, positions, segment_ids):
+  """``layer(x, positions=, segment_ids=)`` under `nnx.jit`."""
+  return layer(x, positions=positions, segment_ids=segment_ids)
+
+
+@nnx.jit
+def cached(layer, x, positions, segment_ids, cache):
+  """``layer(x, ..., cache=cache)`` under `nnx.jit`: (y, cache)."""
+  return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)

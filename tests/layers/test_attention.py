@@ -8,7 +8,7 @@ import pytest
 from flax import nnx
 
 from lsm.layers import Attention, DenseKVCache, RingKVCache, RopeScaling, rope_frequencies
-from tests.layers.helpers import assert_close
+from tests.layers.helpers import assert_close, cached as _cached, forward as _forward
 
 D_MODEL = 16
 # Two configs use the op's default implementation (the blockwise XLA path on CPU, with traced
@@ -36,16 +36,6 @@ def _layer(name, **overrides):
 
 def _x(seed, t, b=2):
   return np.random.default_rng(seed).standard_normal((b, t, D_MODEL))
-
-
-@nnx.jit
-def _forward(layer, x, positions, segment_ids):
-  return layer(x, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _cached(layer, x, positions, segment_ids, cache):
-  return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
 
 def _definition(layer: Attention, x, positions, segment_ids):

@@ -13,7 +13,7 @@ from lsm.layers import (Attention, BlockMemoryPolicy, DenseKVCache, DuoAttention
                         DuoGate, RingKVCache, enable_gates, fix_head_types, rope_frequencies)
 from lsm.models import LM, make_mixer
 from lsm.train.duo_calibrate import calibrate, passkey_batches
-from tests.layers.helpers import assert_close
+from tests.layers.helpers import assert_close, cached as _cached, forward as _forward
 
 D_MODEL = 16
 WINDOW, SINKS = 4, 2
@@ -33,16 +33,6 @@ def _x(seed, t, b=2):
 
 def _f32(x):
   return jnp.asarray(x, jnp.float32)
-
-
-@nnx.jit
-def _forward(layer, x, positions, segment_ids):
-  return layer(x, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _cached(layer, x, positions, segment_ids, cache):
-  return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
 
 def _packed(lengths, batch=2):

@@ -17,7 +17,7 @@ from lsm.layers import (Attention, BlockSelectPolicy, HeavyHitterPolicy, ScoredK
                         SinkWindowPolicy, SnapKVPolicy)
 from lsm.layers.kv_cache import EMPTY_POSITION
 from lsm.models import LM
-from tests.layers.helpers import assert_close
+from tests.layers.helpers import assert_close, cached as _cached, forward as _forward
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM, T = 16, 4, 2, 8, 21
 
@@ -28,16 +28,6 @@ def _layer(**kwargs):
 
 def _x(seed, b=2, t=T):
   return jnp.asarray(np.random.default_rng(seed).standard_normal((b, t, D_MODEL)), jnp.float32)
-
-
-@nnx.jit
-def _forward(layer, x, positions, segments):
-  return layer(x, positions=positions, segment_ids=segments)
-
-
-@nnx.jit
-def _cached(layer, x, positions, segments, cache):
-  return layer(x, positions=positions, segment_ids=segments, cache=cache)
 
 
 def _decode(layer, x, policy, prefill):

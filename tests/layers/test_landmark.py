@@ -12,7 +12,7 @@ from lsm.config import ModelConfig
 from lsm.kernels.attention import landmark_attention
 from lsm.layers import LandmarkAttention, LandmarkCache, rope_frequencies
 from lsm.models import make_mixer
-from tests.layers.helpers import assert_close
+from tests.layers.helpers import assert_close, cached as _cached, forward as _forward
 
 D_MODEL, HEADS, KV_HEADS, HEAD_DIM, BLOCK = 16, 4, 2, 8, 3
 SPAN = BLOCK + 1
@@ -38,16 +38,6 @@ def _packed(*rows):
   positions = np.stack([np.concatenate([np.arange(n) for n in row]) for row in rows])
   segments = np.stack([np.repeat(np.arange(1, len(row) + 1), row) for row in rows])
   return jnp.asarray(positions, jnp.int32), jnp.asarray(segments, jnp.int32)
-
-
-@nnx.jit
-def _forward(layer, x, positions, segment_ids):
-  return layer(x, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _cached(layer, x, positions, segment_ids, cache):
-  return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
 
 @nnx.jit

@@ -13,7 +13,7 @@ from lsm.layers import BlockMemoryPolicy, DenseKVCache, RingKVCache, SparseAtten
 from lsm.layers import rope_frequencies
 from lsm.models import make_mixer
 from tests.kernels.attention.test_patterns import dense_definition
-from tests.layers.helpers import assert_close
+from tests.layers.helpers import assert_close, cached as _cached, forward as _forward
 
 D_MODEL = 16
 T = 24
@@ -43,16 +43,6 @@ def _x(seed, t, b=2):
 
 def _f32(x):
   return jnp.asarray(x, jnp.float32)
-
-
-@nnx.jit
-def _forward(layer, x, positions, segment_ids):
-  return layer(x, positions=positions, segment_ids=segment_ids)
-
-
-@nnx.jit
-def _cached(layer, x, positions, segment_ids, cache):
-  return layer(x, positions=positions, segment_ids=segment_ids, cache=cache)
 
 
 def _definition(layer: SparseAttention, name, x, positions, segment_ids):
