@@ -11,7 +11,8 @@ import numpy as np
 from lsm.kernels.attention.mask import Mask
 from lsm.kernels.attention.reference import attention_reference
 from lsm.kernels.attention import pallas_common, pallas_gpu, pallas_tpu
-from lsm.kernels.attention.blocks import BlockSizes
+from lsm.kernels.attention.blocks import BlockSizes, sink_split
+from lsm.kernels.attention.merge import merge
 from lsm.kernels.attention.xla import attention_xla, xla_parts
 from lsm.log import log_once
 
@@ -126,6 +127,10 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
                      scale=scale, logits_soft_cap=logits_soft_cap,
                      implementation=implementation, block_sizes=block_sizes)
   implementation, kwargs, block_sizes = call
+  split = _sink_split(implementation, q, k, kwargs, block_sizes)
+  if split is not None:
+    out, lse = split(q, k, v)
+    return (out, lse) if return_lse else out
   if implementation == "reference":
     out, lse = attention_reference(q, k, v, **kwargs)
   elif implementation == "xla":
@@ -135,6 +140,39 @@ def attention(q, k, v, *, mask: Mask | None = None, q_positions=None, kv_positio
   else:
     out, lse = pallas_gpu.KERNEL(q, k, v, block_sizes=block_sizes, **kwargs)
   return (out, lse) if return_lse else out
+
+
+def _sink_split(implementation, q, k, kwargs, block_sizes):
+  """`blocks.sink_split` for this call, as ``split(q, k, v) -> (out, lse)``, or None.
+
+  The main call (no sinks, the sink keys moved before every window) and the sinks' own short
+  call are merged by lse; learned ``sinks`` logits join the main call once.
+  """
+  mask, kv_pos = kwargs["mask"], kwargs["kv_positions"]
+  if implementation == "reference":
+    return None
+  bq, bk = (block_sizes or BlockSizes()).clipped(q.shape[1], k.shape[1])
+  plan = sink_split(mask, kwargs["q_positions"], kv_pos, kwargs["q_segment_ids"],
+                    kwargs["kv_segment_ids"], bq, bk)
+  if plan is None:
+    return None
+  kv_seg = kwargs["kv_segment_ids"]
+  sink_seg = None if kv_seg is None else (
+      np if isinstance(kv_seg, np.ndarray) else jnp).take_along_axis(kv_seg, plan.index, -1)
+
+  def split(q, k, v):
+    main = attention(q, k, v, **{**kwargs, "mask": plan.main_mask,
+                                 "kv_positions": plan.main_kv_positions},
+                     implementation=implementation, return_lse=True, block_sizes=block_sizes)
+    gather = lambda x: jnp.take_along_axis(x, jnp.asarray(plan.index)[:, :, None, None], axis=1)
+    side = attention(q, gather(k), gather(v),
+                     **{**kwargs, "mask": Mask(causal=mask.causal),
+                        "kv_positions": plan.sink_positions, "kv_segment_ids": sink_seg,
+                        "sinks": None},
+                     implementation=implementation, return_lse=True, block_sizes=block_sizes)
+    return merge([main, side])
+
+  return split
 
 
 def _normalised(q, k, v, *, mask, q_positions, kv_positions, q_segment_ids, kv_segment_ids,

@@ -34,7 +34,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lsm.kernels.attention.blocks import BlockSizes, visited_blocks
+from lsm.kernels.attention.blocks import BlockSizes, sink_split, visited_blocks
 from lsm.kernels.attention.mask import Mask
 
 
@@ -138,7 +138,10 @@ class Density(NamedTuple):
   """How much of causal attention a mask keeps, over positions ``0 .. length - 1``."""
 
   pairs: float  # allowed (query, key) pairs / the length * (length + 1) / 2 causal pairs
-  blocks: float  # key blocks the XLA path visits / those it visits for a plain causal mask
+  # key blocks the blockwise paths visit / those they visit for a plain causal mask; when the
+  # sinks are split off a window (`blocks.sink_split`), their short call counts as its width
+  # over the block size per query block
+  blocks: float
 
 
 def density(mask: Mask, length: int, *, block_sizes: BlockSizes = BlockSizes()) -> Density:
@@ -171,4 +174,8 @@ def density(mask: Mask, length: int, *, block_sizes: BlockSizes = BlockSizes()) 
   visited, causal = (int(np.sum(np.asarray(_visited_blocks(m, positions, positions,
                                                            block_sizes=block_sizes))))
                      for m in (mask, Mask(causal=True)))
+  bq, bk = block_sizes.clipped(length, length)
+  split = sink_split(mask, positions, positions, None, None, bq, bk)
+  if split is not None:  # the op's main call, and the sinks' call as a fraction of a block
+    visited = split.main_visits + -(-length // bq) * split.index.shape[1] / bk
   return Density(pairs=allowed / (length * (length + 1) / 2), blocks=visited / causal)

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from lsm.kernels.attention import BlockSizes, Mask, attention, density, pattern_mask, patterns
-from lsm.kernels.attention import visited_blocks
+from lsm.kernels.attention import merge, visited_blocks
 from tests.kernels.attention.helpers import (Shape, assert_close, draw, packed_segments, seed_of,
                                              weighted_loss)
 
@@ -238,3 +238,52 @@ def test_bad_arguments_are_named(call, match):
 def test_density_rejects_a_non_mask():
   with pytest.raises(TypeError, match=r"density: mask must be an lsm Mask, got str"):
     density("causal", 8)
+
+
+@pytest.mark.parametrize("implementation", ["xla", "pallas_tpu", "pallas_gpu"])
+def test_sinks_beside_a_window_split_off_match_float64(implementation, monkeypatch):
+  """With key positions known at trace time, the sinks of a window mask are attended to in a
+  short call of their own and merged by lse (the main call then skips the sink block). Packed
+  rows (sinks start every document), GQA, learned sinks and a soft cap: out, lse and gradients
+  equal a float64 reference, and equal the single call the op makes for traced positions."""
+  from lsm.kernels.attention import api  # noqa: PLC0415
+  mask = Mask(causal=True, window=(8, 0), sink_tokens=3)
+  shape = Shape(b=2, tq=64, tk=64, hq=4, hkv=2, d=8, dv=8)
+  inputs = draw(seed_of("sink split", implementation), shape, sinks=True)
+  seg, pos = packed_segments(np.random.default_rng(seed_of("sink split seg")), 2, 64, 2)
+  merged = []
+  monkeypatch.setattr(api, "merge", lambda parts: merged.append(len(parts)) or merge(parts))
+  blocks = BlockSizes(8, 16)  # two documents' sinks (6 keys) fit in half a key block
+
+  def results(implementation, dtype, static):
+    q, k, v, sinks, w_out, w_lse = inputs.arrays(dtype)
+
+    def loss(q, k, v, sinks, pos, seg):
+      out, lse = attention(q, k, v, mask=mask, q_positions=pos, kv_positions=pos,
+                           q_segment_ids=seg, kv_segment_ids=seg, sinks=sinks,
+                           logits_soft_cap=4.0, implementation=implementation,
+                           return_lse=True, block_sizes=blocks)
+      return weighted_loss(out, lse, w_out, w_lse), (out, lse)
+
+    grad = jax.value_and_grad(loss, argnums=(0, 1, 2, 3), has_aux=True)
+    if static:  # numpy positions closed over: concrete when the op is traced
+      (_, (out, lse)), grads = jax.jit(lambda *a: grad(*a, pos, seg))(q, k, v, sinks)
+    else:
+      (_, (out, lse)), grads = jax.jit(grad)(q, k, v, sinks, pos, seg)
+    return out, lse, grads
+
+  split = results(implementation, jnp.float32, static=True)
+  assert merged == [2], "the sinks were not split off"
+  single = results(implementation, jnp.float32, static=False)
+  assert merged == [2], "traced positions must not split"
+  want = results("reference", jnp.float64, static=False)
+  for got in (split, single):
+    assert_close(got[0], want[0], jnp.float32, "out")
+    assert_close(got[1], want[1], jnp.float32, "lse")
+    for name, g, w in zip(("q", "k", "v", "sinks"), got[2], want[2]):
+      assert_close(g, w, jnp.float32, f"d{name}")
+  # What it saves: the main call's plan has no sink block for the query blocks past the window.
+  main = np.where(pos < 3, -(2**30 - 1), pos)
+  assert (np.asarray(_visited(Mask(causal=True, window=(8, 0)), pos, main, seg, seg,
+                              block_sizes=blocks)).sum()
+          < np.asarray(_visited(mask, pos, pos, seg, seg, block_sizes=blocks)).sum())
