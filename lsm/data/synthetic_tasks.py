@@ -177,6 +177,9 @@ class AssociativeRecallTask(SyntheticTask):
     context_repeats: the context (pairs and filler) appears this many times in a row before
       the queries ("Just read twice", Arora et al. 2024); the filler is split between the
       copies, any remainder goes first.
+    min_pairs: when set, each example holds a number of pairs drawn uniformly from
+      ``[min_pairs, num_pairs]`` (training on a mix of pair counts, as Zoology does; the rest is
+      filler); ``num_queries`` must then be at most ``min_pairs``.
   """
 
   name: ClassVar[str] = "mqar"
@@ -186,13 +189,17 @@ class AssociativeRecallTask(SyntheticTask):
   value_vocab_size: int = 16
   filler_vocab_size: int = 1
   context_repeats: int = 1
+  min_pairs: int | None = None
 
   def __post_init__(self):
     for field in ("key_vocab_size", "value_vocab_size", "filler_vocab_size"):
       _check_int(self.name, field, getattr(self, field), 1)
     _check_symbols(self.name, self._sizes())
     _check_int(self.name, "num_pairs", self.num_pairs, 1, self.key_vocab_size)
-    _check_int(self.name, "num_queries", self.num_queries, 1, self.num_pairs)
+    if self.min_pairs is not None:
+      _check_int(self.name, "min_pairs", self.min_pairs, 1, self.num_pairs)
+    _check_int(self.name, "num_queries", self.num_queries, 1,
+               self.num_pairs if self.min_pairs is None else self.min_pairs)
     _check_int(self.name, "context_repeats", self.context_repeats, 1)
 
   def _sizes(self) -> dict[str, int]:
@@ -210,15 +217,18 @@ class AssociativeRecallTask(SyntheticTask):
   def sample(self, rng: np.random.Generator, seq_len: int):
     seq_len = self.check_seq_len(seq_len)
     keys, values, fillers = _symbol_ranges(self._sizes()).values()
-    pair_keys = rng.choice(keys, size=self.num_pairs, replace=False)
-    pair_values = values[rng.integers(0, values.size, size=self.num_pairs)]
-    spare, repeats = seq_len - self.min_seq_len, self.context_repeats
+    pairs = self.num_pairs if self.min_pairs is None else int(
+        rng.integers(self.min_pairs, self.num_pairs + 1))
+    pair_keys = rng.choice(keys, size=pairs, replace=False)
+    pair_values = values[rng.integers(0, values.size, size=pairs)]
+    repeats = self.context_repeats
+    spare = seq_len - self.min_seq_len + 2 * (self.num_pairs - pairs) * repeats
     filler = self._filler(rng, fillers, spare // repeats)
     context = _scatter(rng, [np.asarray(pair) for pair in zip(pair_keys, pair_values)], filler)
     if repeats > 1:
       context = np.concatenate([self._filler(rng, fillers, spare % repeats).astype(np.int32),
                                 *[context] * repeats])
-    asked = rng.choice(self.num_pairs, size=self.num_queries, replace=False)
+    asked = rng.choice(pairs, size=self.num_queries, replace=False)
     answer = [(np.asarray([vocab.QUERY]), False)]
     for pair in asked:
       answer += [(pair_keys[pair:pair + 1], False), (pair_values[pair:pair + 1], True)]

@@ -37,7 +37,8 @@ def solve_mqar(tokens, task):
   assert all(np.array_equal(copy, copies[0]) for copy in copies)
   keys, values = copies[0][0::2], copies[0][1::2]
   assert np.all(keys < task.key_vocab_size) and np.all(values >= task.key_vocab_size)
-  assert keys.size == task.num_pairs and len(set(keys.tolist())) == task.num_pairs
+  low = task.num_pairs if task.min_pairs is None else task.min_pairs
+  assert low <= keys.size <= task.num_pairs and len(set(keys.tolist())) == keys.size
   value_of = dict(zip(keys.tolist(), values.tolist()))
   asked = _symbol(tokens[query_at + 1::2])
   assert asked.size == task.num_queries and len(set(asked.tolist())) == task.num_queries

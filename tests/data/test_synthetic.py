@@ -14,7 +14,8 @@ from lsm.data import (ROW_KEYS, SYNTHETIC_TASKS, SYNTHETIC_VOCAB_SIZE, ListOpsTa
                       SyntheticSource, answer_accuracy, synthetic_dataset, synthetic_task)
 from lsm.data import synthetic_vocab as vocab
 from lsm.train import data as train_data
-from tests.data.solvers import SOLVERS, evaluate_listops, listops_shape, parse_listops
+from tests.data.solvers import (SOLVERS, evaluate_listops, listops_shape, parse_listops,
+                                solve_mqar)
 
 TASKS = sorted(SYNTHETIC_TASKS)
 
@@ -66,9 +67,10 @@ def _tasks(draw):
   elif name == "mqar":
     keys = draw(st.integers(1, 12))
     pairs = draw(st.integers(1, keys))
+    low = draw(st.none() | st.integers(1, pairs))
     knobs = dict(key_vocab_size=keys, value_vocab_size=draw(small), filler_vocab_size=draw(small),
-                 num_pairs=pairs, num_queries=draw(st.integers(1, pairs)),
-                 context_repeats=draw(st.integers(1, 3)))
+                 num_pairs=pairs, num_queries=draw(st.integers(1, low or pairs)),
+                 context_repeats=draw(st.integers(1, 3)), min_pairs=low)
   elif name == "kv_needle":
     key_length, key_vocab = draw(small), draw(st.integers(2, 6))
     knobs = dict(key_length=key_length, key_vocab_size=key_vocab, value_length=draw(small),
@@ -285,6 +287,10 @@ def test_listops_from_a_config_and_scored_by_answer_accuracy():
      r"num_pairs must be an int in \[1, 16\], got 20"),
     (lambda: synthetic_task("mqar", num_queries=9, num_pairs=8), ValueError,
      r"num_queries must be an int in \[1, 8\], got 9"),
+    (lambda: synthetic_task("mqar", num_pairs=8, min_pairs=9), ValueError,
+     r"mqar: min_pairs must be an int in \[1, 8\], got 9"),
+    (lambda: synthetic_task("mqar", num_pairs=8, min_pairs=2, num_queries=3), ValueError,
+     r"mqar: num_queries must be an int in \[1, 2\], got 3"),
     (lambda: synthetic_task("mqar", context_repeats=0), ValueError,
      r"context_repeats must be an int >= 1, got 0"),
     (lambda: synthetic_task("mqar", key_vocab_size=30, value_vocab_size=30), ValueError,
@@ -327,6 +333,21 @@ def test_source_rejects_indices_outside_the_dataset():
   source = SyntheticSource(PasskeyTask(), seq_len=64, seed=0, num_examples=4)
   with pytest.raises(IndexError, match=r"index must be an int in \[0, 4\), got 4"):
     source[4]
+
+
+def test_mqar_min_pairs_mixes_pair_counts():
+  task = synthetic_task("mqar", num_pairs=8, min_pairs=2, num_queries=2)
+  rng = np.random.default_rng(0)
+  counts = []
+  for _ in range(200):
+    tokens, mask = task.sample(rng, 40)
+    expected, where = solve_mqar(tokens, task)
+    np.testing.assert_array_equal(tokens[where], expected)
+    assert tokens.size == 40 and mask.sum() == 2 and np.array_equal(np.flatnonzero(mask), where)
+    query_at = int(np.flatnonzero(tokens == vocab.QUERY)[0])
+    symbols = tokens[1:query_at] - vocab.FIRST_SYMBOL
+    counts.append(int(np.sum(symbols < task.key_vocab_size)))
+  assert set(counts) == set(range(2, 9))  # every count in [min_pairs, num_pairs] is drawn
 
 
 def test_mqar_read_twice_repeats_the_whole_context():
