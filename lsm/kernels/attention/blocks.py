@@ -158,9 +158,11 @@ def sink_split(mask: Mask, q_positions, kv_positions, q_segment_ids, kv_segment_
   can be gathered into a short block of their own, and the main call can see them nowhere
   (moved before every window). Returns the plan when that visits fewer key blocks and the
   sinks fit in half a key block, else None (also for masks with a ``prefix``, which the moved
-  keys would still match, and with no window, where nothing is saved).
+  keys would still match, with no window, where nothing is saved, and for non-causal masks,
+  which would see the padding of rows with fewer sinks).
   """
   if (mask.sink_tokens is None or mask.window is None or mask.prefix is not None
+      or not mask.causal or mask.window[0] >= 2**29  # padding and moved keys rely on these
       or not isinstance(kv_positions, np.ndarray) or not isinstance(q_positions, np.ndarray)):
     return None
   is_sink = kv_positions < mask.sink_tokens  # [B, Tk]

@@ -287,3 +287,23 @@ def test_sinks_beside_a_window_split_off_match_float64(implementation, monkeypat
   assert (np.asarray(_visited(Mask(causal=True, window=(8, 0)), pos, main, seg, seg,
                               block_sizes=blocks)).sum()
           < np.asarray(_visited(mask, pos, pos, seg, seg, block_sizes=blocks)).sum())
+
+
+def test_sink_split_is_planned_only_where_it_is_exact_and_saves_blocks():
+  from lsm.kernels.attention.blocks import sink_split  # noqa: PLC0415
+  pos = np.broadcast_to(np.arange(64, dtype=np.int32), (2, 64))
+  plan = sink_split(Mask(causal=True, window=(8, 0), sink_tokens=3), pos, pos, None, None, 8, 16)
+  assert plan is not None and plan.main_visits < plan.visits
+  np.testing.assert_array_equal(plan.index, [[0, 1, 2], [0, 1, 2]])
+  assert plan.main_mask == Mask(causal=True, window=(8, 0))
+  assert (plan.main_kv_positions[:, :3] < -2**29).all()
+  for mask in (Mask(causal=False, window=(8, 8), sink_tokens=3),  # padding would be visible
+               Mask(causal=True, window=(8, 0), sink_tokens=3, prefix=4),  # prefix sees moved
+               Mask(causal=True, sink_tokens=3),  # no window: nothing to save
+               Mask(causal=True, window=(60, 0), sink_tokens=3)):  # the window covers the sinks
+    assert sink_split(mask, pos, pos, None, None, 8, 16) is None, mask
+  assert sink_split(Mask(causal=True, window=(8, 0), sink_tokens=9), pos, pos, None, None, 8,
+                    16) is None  # 9 sinks do not fit in half a key block
+  traced = jnp.asarray(pos)
+  assert sink_split(Mask(causal=True, window=(8, 0), sink_tokens=3), traced, traced, None, None,
+                    8, 16) is None
