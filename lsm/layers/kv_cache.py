@@ -17,10 +17,11 @@ import numpy as np
 from flax import struct
 from jax import lax
 
+from lsm.kernels.attention.blocks import FAR_FUTURE
 from lsm.layers import checks
 
 # Masks take positions in (-2**30, 2**30); this one is after every real position.
-EMPTY_POSITION = 2**30 - 1
+EMPTY_POSITION = FAR_FUTURE
 
 
 def _empty(owner, batch_size, length, num_kv_heads, head_dim, dtype):

@@ -40,6 +40,7 @@ import numpy as np
 from flax import nnx
 
 from lsm.kernels.attention import Mask, attention, merge
+from lsm.kernels.attention.blocks import FAR_PAST
 from lsm.kernels.attention.patterns import PATTERNS, pattern_mask
 from lsm.kernels.attention.routing import route, routing_attention
 from lsm.kernels.attention.select import block_select_attention, block_select_decode
@@ -90,7 +91,7 @@ def _pull_bwd(res, _):
 _kmeans_pull.defvjp(_pull_fwd, _pull_bwd)
 
 # Before every real position: outside every window, so the window part never sees the key.
-_FAR_PAST = -EMPTY_POSITION
+_FAR_PAST = FAR_PAST
 
 
 class SparseAttention(Attention):

@@ -31,10 +31,11 @@ import numpy as np
 from jax import lax
 
 from lsm.kernels.attention.api import attention
+from lsm.kernels.attention.blocks import FAR_FUTURE
 from lsm.kernels.attention.mask import Mask
 
 _NO_SEGMENT = np.iinfo(np.int32).min  # gathered padding: a segment of its own
-_FAR = 2**30 - 1  # gathered padding: a position no causal query reaches
+_FAR = FAR_FUTURE  # gathered padding: a position no causal query reaches
 
 
 def _positive_int(owner, name, value, low=1):
